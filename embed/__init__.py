@@ -1,0 +1,7 @@
+"""Token embeddings for JAX/Flax NNX with XLA, Pallas and Triton gather backends."""
+
+from embed.dispatch import BACKENDS, backend_for, lookup
+from embed.ids import MODES
+from embed.layer import MyEmbed, embed_forward
+
+__all__ = ["BACKENDS", "MODES", "MyEmbed", "backend_for", "embed_forward", "lookup"]

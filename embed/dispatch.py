@@ -1,0 +1,97 @@
+"""Backend names to implementations, with the platform chosen when lowering.
+
+``jax.lax.platform_dependent`` picks the branch when the computation is lowered for a
+platform, not from the host's default backend at trace time, so a model traced or
+exported on a CPU host for a GPU carries the real kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from embed import ids as ids_lib
+from kernels import pallas_gather
+
+BACKENDS = ("auto", "xla", "pallas", "triton")
+
+# What "auto" lowers to on each platform. On CUDA the Pallas kernel owns the backward
+# (a float32 atomic scatter-add), where XLA's scatter-add is reported to fall into a
+# compare-and-swap loop (xla#46225, jax#38806). No GPU figure of ours backs a finer rule
+# yet: docs/benchmarks.md says which measurements exist.
+AUTO = {"cuda": "pallas", "rocm": "pallas", "cpu": "xla", "tpu": "xla"}
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{backend=} must be one of {BACKENDS}")
+    return backend
+
+
+def backend_for(backend: str, platform: str | None = None) -> str:
+    """The implementation ``backend`` runs on ``platform`` (default: JAX's default backend).
+
+    >>> backend_for("auto", "cpu")
+    'xla'
+    """
+    check_backend(backend)
+    if backend != "auto":
+        return backend
+    platform = platform or jax.default_backend()
+    return AUTO.get("cuda" if platform == "gpu" else platform, "xla")
+
+
+def _xla(table, ids):
+    return table[ids]
+
+
+def _pallas(table, ids, *, interpret):
+    return pallas_gather.lookup(table, ids, interpret)
+
+
+def _triton(table, ids):
+    from kernels import triton_gather  # Imported lazily: it needs jax-triton and CUDA.
+
+    return triton_gather.lookup(table, ids)
+
+
+_COMPILED = {"pallas": functools.partial(_pallas, interpret=False), "triton": _triton}
+
+
+def gather(table: jax.Array, ids: jax.Array, backend: str = "auto") -> jax.Array:
+    """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform."""
+    check_backend(backend)
+    if backend == "xla":
+        return _xla(table, ids)
+    if backend == "triton":
+        return _triton(table, ids)
+    if backend == "pallas":
+        # Off GPU the same kernel runs in the Pallas interpreter.
+        gpu = _COMPILED["pallas"]
+        default = functools.partial(_pallas, interpret=True)
+    else:
+        gpu = _COMPILED[AUTO["cuda"]]
+        default = _xla
+    return jax.lax.platform_dependent(table, ids, cuda=gpu, rocm=gpu, default=default)
+
+
+def lookup(
+    table: jax.Array,
+    token_ids,
+    *,
+    backend: str = "auto",
+    mode: str = "clip",
+    fill_value=jnp.nan,
+) -> jax.Array:
+    """Embedding rows for ``token_ids`` of any shape: ``token_ids.shape + (d_model,)``."""
+    ids_lib.check_mode(mode)
+    vocab_size, d_model = table.shape
+    ids = ids_lib.to_int32(token_ids)
+    if mode == "error":
+        ids_lib.check_in_vocab(ids, vocab_size)
+    rows = gather(table, ids.reshape(-1), backend).reshape(*ids.shape, d_model)
+    if mode == "fill":
+        rows = ids_lib.apply_fill(rows, ids, vocab_size, fill_value)
+    return rows

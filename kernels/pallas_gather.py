@@ -1,0 +1,218 @@
+"""Embedding gather as a Pallas kernel (Triton lowering on GPU, ``interpret=True`` on CPU).
+
+Layout, as in JAX's own Pallas GPU ops: forward kernel, its jitted wrapper, backward
+kernel, its wrapper, then the ``custom_vjp`` wiring. The plain-JAX oracle is in
+``kernels/reference.py``.
+
+The table stays in HBM (``memory_space=pl.ANY``) and is read with gathered loads; each
+program owns a ``[block_t, block_d]`` tile of the output. Ids are wrapped and clamped
+inside the kernel, so no program reads outside the table whatever ids it is handed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.reference import in_vocab, wrap_and_clamp
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# Bytes of table data one program moves: enough to hide latency, small enough to keep
+# many programs in flight for short sequences.
+_TILE_BYTES = 16 * 1024
+_MAX_BLOCK_D_BYTES = 2048
+
+
+def block_sizes(num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]:
+    """Default ``(block_t, block_d)``: powers of two, as Triton requires.
+
+    ``block_d`` is the widest power of two up to 2 KiB of row that divides ``d_model``
+    (no masked lanes), or ``d_model`` rounded up when rows are narrow or odd.
+    """
+    cap = _MAX_BLOCK_D_BYTES // itemsize
+    block_d = min(pl.next_power_of_2(d_model), cap)
+    while block_d > 16 and d_model % block_d:
+        block_d //= 2
+    if d_model % block_d and d_model < cap:
+        block_d = pl.next_power_of_2(d_model)
+    rows_per_tile = max(1, _TILE_BYTES // (block_d * itemsize))
+    block_t = 1 << (rows_per_tile.bit_length() - 1)  # Largest power of two that fits.
+    return min(block_t, 64, pl.next_power_of_2(max(num_tokens, 1))), block_d
+
+
+def _check_operands(table: jax.Array, ids: jax.Array) -> None:
+    if table.ndim != 2:
+        raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
+    if table.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{table.dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    if ids.ndim != 1 or ids.dtype != jnp.int32:
+        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be a 1-D int32 array")
+
+
+def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
+    default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
+    block_t = default_t if block_t is None else block_t
+    block_d = default_d if block_d is None else block_d
+    for name, value in (("block_t", block_t), ("block_d", block_d)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a positive power of two")
+    return block_t, block_d
+
+
+def _gather_kernel(
+    ids_ref,  # [block_t] int32
+    table_ref,  # [vocab_size, d_model], in HBM
+    out_ref,  # [block_t, block_d]
+    *,
+    vocab_size: int,
+    d_model: int,
+):
+    block_t, block_d = out_ref.shape
+    rows = wrap_and_clamp(ids_ref[...], vocab_size)
+    cols = pl.program_id(1) * block_d + jnp.arange(block_d, dtype=jnp.int32)
+    if d_model % block_d:
+        mask = jnp.broadcast_to(cols[None, :] < d_model, (block_t, block_d))
+        out_ref[...] = plgpu.load(table_ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+    else:
+        out_ref[...] = table_ref[rows[:, None], cols[None, :]]
+
+
+@functools.partial(
+    jax.jit, static_argnames=["block_t", "block_d", "num_warps", "num_stages", "interpret"]
+)
+def gather(
+    table: jax.Array,  # [vocab_size, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+    *,
+    block_t: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [num_tokens, d_model]
+    """Rows of ``table`` for ``ids`` with the semantics of ``table[ids]``, as one kernel."""
+    _check_operands(table, ids)
+    vocab_size, d_model = table.shape
+    (num_tokens,) = ids.shape
+    if num_tokens == 0:
+        return jnp.zeros((0, d_model), table.dtype)
+    block_t, block_d = _resolve_blocks(num_tokens, d_model, table.dtype.itemsize, block_t, block_d)
+    if num_warps is None:
+        num_warps = 8 if block_t * block_d >= 8192 else 4
+    kernel = functools.partial(_gather_kernel, vocab_size=vocab_size, d_model=d_model)
+    return pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens, block_t), pl.cdiv(d_model, block_d)),
+        in_specs=[
+            pl.BlockSpec((block_t,), lambda i, j: (i,)),  # ids
+            pl.BlockSpec(memory_space=pl.ANY),  # table
+        ],
+        out_specs=pl.BlockSpec((block_t, block_d), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, d_model), table.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"embedding_gather_{block_t=}_{block_d=}",
+    )(ids, table)
+
+
+def _scatter_add_kernel(
+    ids_ref,  # [block_t] int32
+    grad_out_ref,  # [block_t, block_d]
+    _,  # [vocab_size, padded_d] float32, in HBM; aliased with grad_ref
+    grad_ref,  # [vocab_size, padded_d] float32, in HBM
+    *,
+    num_tokens: int,
+    vocab_size: int,
+):
+    block_t, block_d = grad_out_ref.shape
+    first_token = pl.program_id(0) * block_t
+    cols = pl.ds(pl.program_id(1) * block_d, block_d)
+
+    # One row-vector atomic per token: a scalar row and a contiguous column slice is
+    # the form both the Triton lowering and the interpreter add correctly for repeated
+    # rows (the interpreter's gather-indexed atomic_add keeps only one duplicate).
+    def add_row(k, carry):
+        token_id = ids_ref[k]
+        live = (first_token + k < num_tokens) & in_vocab(token_id, vocab_size)
+        values = grad_out_ref[k, :].astype(jnp.float32)
+        values = jnp.where(live, values, 0.0)
+        plgpu.atomic_add(grad_ref, (wrap_and_clamp(token_id, vocab_size), cols), values)
+        return carry
+
+    jax.lax.fori_loop(0, block_t, add_row, None)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["vocab_size", "block_t", "block_d", "num_warps", "num_stages", "interpret"],
+)
+def scatter_add(
+    grad_out: jax.Array,  # [num_tokens, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+    *,
+    vocab_size: int,
+    block_t: int | None = None,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [vocab_size, d_model] float32
+    """Table gradient of ``gather``: float32 atomic adds into rows ``i mod V``.
+
+    Ids outside ``[-V, V)`` add nothing, as in ``jax.grad`` of ``table[ids]``. The
+    order of float additions for repeated ids is not fixed.
+    """
+    (num_tokens, d_model) = grad_out.shape
+    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
+        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
+    if num_tokens == 0:
+        return jnp.zeros((vocab_size, d_model), jnp.float32)
+    block_t, block_d = _resolve_blocks(
+        num_tokens, d_model, grad_out.dtype.itemsize, block_t, block_d
+    )
+    # Columns are padded to whole blocks so every atomic is an unmasked row slice.
+    padded_d = pl.cdiv(d_model, block_d) * block_d
+    grad_out = jnp.pad(grad_out, ((0, 0), (0, padded_d - d_model)))
+    kernel = functools.partial(_scatter_add_kernel, num_tokens=num_tokens, vocab_size=vocab_size)
+    grad = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(num_tokens, block_t), padded_d // block_d),
+        in_specs=[
+            pl.BlockSpec((block_t,), lambda i, j: (i,)),  # ids
+            pl.BlockSpec((block_t, block_d), lambda i, j: (i, j)),  # grad_out
+            pl.BlockSpec(memory_space=pl.ANY),  # zeros
+        ],
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
+        input_output_aliases={2: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages),
+        interpret=interpret,
+        name=f"embedding_scatter_add_{block_t=}_{block_d=}",
+    )(ids, grad_out, jnp.zeros((vocab_size, padded_d), jnp.float32))
+    return grad[:, :d_model]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lookup(table: jax.Array, ids: jax.Array, interpret: bool = False) -> jax.Array:
+    """``gather`` with ``scatter_add`` as its table gradient; what the layer calls."""
+    return gather(table, ids, interpret=interpret)
+
+
+def _lookup_fwd(table, ids, interpret):
+    # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
+    return gather(table, ids, interpret=interpret), (ids, table[:, :0])
+
+
+def _lookup_bwd(interpret, residuals, grad_out):
+    ids, table_like = residuals
+    vocab_size = table_like.shape[0]
+    grad = scatter_add(grad_out, ids, vocab_size=vocab_size, interpret=interpret)
+    return grad.astype(table_like.dtype), None
+
+
+lookup.defvjp(_lookup_fwd, _lookup_bwd)

@@ -1,0 +1,50 @@
+"""Plain-JAX gather and gather-gradient: the oracle for the kernels' tests and benchmark.
+
+Id semantics ("clip", JAX's own ``table[ids]``): a negative id wraps once (``i + V``),
+then the result is clamped to ``[0, V - 1]``. The gradient adds each output row into
+row ``i mod V`` for ids in ``[-V, V)``; ids outside that range contribute nothing,
+although the forward read a clamped row. That asymmetry is what ``jax.grad`` of JAX's
+indexing does (gather clamps, its transpose scatter drops out-of-bounds updates), and
+every backend here reproduces it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def wrap_and_clamp(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """Rows read for ``ids``: negative ids wrap once, then clamp to ``[0, vocab_size)``.
+
+    Kernels call this inside their bodies, so no program can address outside the table.
+    """
+    ids = jnp.where(ids < 0, ids + vocab_size, ids)
+    return jnp.clip(ids, 0, vocab_size - 1)
+
+
+def in_vocab(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """True where an id is in ``[-vocab_size, vocab_size)``: ids that receive gradient."""
+    return (ids >= -vocab_size) & (ids < vocab_size)
+
+
+def gather_reference(
+    table: jax.Array,  # [vocab_size, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+) -> jax.Array:  # [num_tokens, d_model]
+    """``table[ids]``: what every backend must match bit for bit."""
+    return table[ids]
+
+
+def gather_grad_reference(
+    grad_out: jax.Array,  # [num_tokens, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+    vocab_size: int,
+) -> jax.Array:  # [vocab_size, d_model], float32
+    """The table gradient of ``gather_reference``, accumulated in float32.
+
+    Equal to ``jax.grad`` of ``table[ids]`` (up to summation order for repeated ids).
+    """
+    rows = jnp.where(in_vocab(ids, vocab_size), wrap_and_clamp(ids, vocab_size), vocab_size)
+    grad = jnp.zeros((vocab_size, grad_out.shape[-1]), jnp.float32)
+    return grad.at[rows].add(grad_out.astype(jnp.float32), mode="drop")

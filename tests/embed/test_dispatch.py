@@ -1,0 +1,69 @@
+"""Backend names, ``auto``, and the platform chosen at lowering time."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import embed
+from embed import dispatch
+from tests import grid
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+SHAPES = (jax.ShapeDtypeStruct((50, 64), jnp.float32), jax.ShapeDtypeStruct((2, 9), jnp.int32))
+
+
+def _lowered(backend, platforms):
+    fn = jax.jit(lambda table, ids: embed.lookup(table, ids, backend=backend))
+    return fn.trace(*SHAPES).lower(lowering_platforms=platforms).as_text()
+
+
+def test_unknown_backend_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"backend='cuda' must be one of \('auto', 'xla'"):
+        embed.lookup(jnp.zeros((3, 2)), jnp.zeros((1,), jnp.int32), backend="cuda")
+
+
+@pytest.mark.parametrize(
+    ("backend", "platform", "expected"),
+    [
+        ("auto", "cpu", "xla"),
+        ("auto", "gpu", "pallas"),
+        ("auto", "cuda", "pallas"),
+        ("xla", "gpu", "xla"),
+    ],
+)
+def test_backend_for(backend, platform, expected):
+    assert embed.backend_for(backend, platform) == expected
+
+
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
+def test_cuda_lowering_carries_the_kernel_even_when_traced_on_cpu(backend):
+    assert TRITON_CALL in _lowered(backend, ("cuda",))
+    assert TRITON_CALL not in _lowered(backend, ("cpu",))
+
+
+def test_export_for_cuda_from_a_cpu_host_carries_the_kernel():
+    # One export per platform: JAX 0.10.2 lowers every kept branch of a multi-platform
+    # export for every platform, and pallas_call's CPU rule refuses a compiled kernel.
+    fn = jax.jit(lambda t, i: embed.lookup(t, i, backend="auto"))
+    # Triton calls carry no serialization-compatibility guarantee; exporting one is opt-in.
+    allow = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    for_gpu = export.export(fn, platforms=("cuda",), disabled_checks=allow)(*SHAPES)
+    assert TRITON_CALL in for_gpu.mlir_module()
+    for_cpu = export.export(fn, platforms=("cpu",))(*SHAPES)
+    assert TRITON_CALL not in for_cpu.mlir_module()
+    table = grid.make_table(50, 64, jnp.float32)
+    ids = jnp.asarray(grid.make_ids(50, 18).reshape(2, 9))
+    grid.assert_bits_equal(for_cpu.call(table, ids), table[ids])
+
+
+def test_xla_backend_never_lowers_a_kernel():
+    assert TRITON_CALL not in _lowered("xla", ("cuda",))
+
+
+def test_pallas_runs_interpreted_on_cpu():
+    table = grid.make_table(50, 64, jnp.float32)
+    ids = jnp.asarray(grid.make_ids(50, 18))
+    grid.assert_bits_equal(dispatch.gather(table, ids, "pallas"), table[ids])
+    assert np.asarray(dispatch.gather(table, ids[:0], "pallas")).shape == (0, 64)

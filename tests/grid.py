@@ -1,0 +1,64 @@
+"""One parameter grid of shapes, dtypes and edge ids, shared by every test file."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+VOCAB_SIZES = (1, 7, 50257)
+D_MODELS = (1, 3, 64, 129, 768)
+NUM_TOKENS = (0, 1, 7, 129, 1000)
+
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+
+
+def edge_ids(vocab_size: int) -> list[int]:
+    """Ids at and past every boundary of the clip semantics."""
+    v = vocab_size
+    return [0, v - 1, -1, -v, v, -v - 1, INT32_MIN, INT32_MAX]
+
+
+def make_ids(vocab_size: int, num_tokens: int, seed: int = 0) -> np.ndarray:
+    """``num_tokens`` int32 ids: the edges first, then uniform in ``[-2V, 2V)``."""
+    rng = np.random.default_rng(seed)
+    ids = edge_ids(vocab_size) + list(rng.integers(-2 * vocab_size, 2 * vocab_size, num_tokens))
+    return np.asarray(ids[:num_tokens], np.int32)
+
+
+def make_table(vocab_size: int, d_model: int, dtype, seed: int = 0) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (vocab_size, d_model), dtype)
+
+
+def _cases():
+    # Every (D, T) pair at small V in float32; the 16-bit dtypes and the GPT-2 vocabulary
+    # on a cover of the same sizes, so each value of each axis appears with each dtype.
+    yield from (
+        (jnp.float32, v, d, t) for v, d, t in itertools.product((1, 7), D_MODELS, NUM_TOKENS)
+    )
+    for dtype in DTYPES[1:]:
+        yield from ((dtype, 7, d, t) for d, t in zip(D_MODELS, NUM_TOKENS, strict=True))
+        yield dtype, 1, 129, 7
+    for dtype in DTYPES:
+        yield dtype, 50257, 768, 1000
+    yield jnp.float32, 50257, 3, 129
+
+
+GATHER_CASES = list(_cases())
+
+
+def case_id(case) -> str:
+    dtype, v, d, t = case
+    return f"{jnp.dtype(dtype).name}-V{v}-D{d}-T{t}"
+
+
+def assert_bits_equal(actual, expected) -> None:
+    """Bit-for-bit equality (NaN payloads and signed zeros included)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    unsigned = np.dtype(f"uint{8 * actual.dtype.itemsize}")
+    np.testing.assert_array_equal(actual.view(unsigned), expected.view(unsigned))
