@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,9 +53,7 @@ class MyEmbed(nnx.Module):
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.d_model = _positive_int("d_model", d_model)
-        param_dtype = jnp.dtype(param_dtype)
-        if param_dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{param_dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+        _check_table(self.vocab_size, self.d_model, param_dtype)
         self.backend = dispatch.check_backend(backend)
         self.mode = ids.check_mode(mode)
         self.fill_value = fill_value
@@ -74,10 +74,31 @@ class MyEmbed(nnx.Module):
         return rows if self.dtype is None else rows.astype(self.dtype)
 
 
+_MAX_VOCAB = 2**31 - 1  # Ids are int32 once validated.
+
+
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or value != int(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name}={value!r} must be a positive integer")
     return int(value)
+
+
+def _check_table(vocab_size: int, d_model: int, param_dtype) -> None:
+    if vocab_size > _MAX_VOCAB:
+        raise ValueError(f"{vocab_size=} must be at most {_MAX_VOCAB}: token ids are int32")
+    param_dtype = jnp.dtype(param_dtype)
+    if param_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{param_dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    num_bytes = vocab_size * d_model * param_dtype.itemsize
+    if num_bytes >= 2**63:
+        raise ValueError(
+            f"{vocab_size=} x {d_model=} of {param_dtype} is {num_bytes} bytes, over 2**63"
+        )
 
 
 def embed_forward(seed, token_ids, vocab_size, d_model, *, backend: str = "auto") -> jax.Array:
