@@ -67,3 +67,9 @@ def test_pallas_runs_interpreted_on_cpu():
     ids = jnp.asarray(grid.make_ids(50, 18))
     grid.assert_bits_equal(dispatch.gather(table, ids, "pallas"), table[ids])
     assert np.asarray(dispatch.gather(table, ids[:0], "pallas")).shape == (0, 64)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU-only error")
+def test_triton_without_a_gpu_says_what_is_missing():
+    with pytest.raises(RuntimeError, match='"triton" backend needs a CUDA GPU with jax-triton'):
+        embed.lookup(jnp.zeros((3, 4)), jnp.array([1]), backend="triton")
