@@ -12,6 +12,11 @@ Modes:
   * ``"error"``: ids outside ``[-V, V)`` are an error: ``IndexError`` on concrete ids;
     under ``jax.jit`` a ``checkify`` check (wrap the function in
     ``jax.experimental.checkify.checkify`` and call ``err.throw()``).
+
+Ids of any integer width are saturated to int32, never wrapped: a vocabulary has at
+most ``2**31 - 1`` rows, so an id that does not fit in int32 is outside every
+vocabulary, and its saturated value is too, with the same sign. Every mode therefore
+treats it as it would the original id.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from kernels.reference import in_vocab
 
 MODES = ("clip", "fill", "error")
 
-_INT32 = np.iinfo(np.int32)
+_INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 
 def check_mode(mode: str) -> str:
@@ -38,59 +43,87 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _at(position: tuple[int, ...]) -> str:
+    return f"token_ids[{', '.join(map(str, position))}]" if position else "token_ids"
+
+
+def _saturate(ids, xp):
+    """``ids`` of any integer dtype as int32, saturating (not wrapping) what does not fit."""
+    info = jnp.iinfo(ids.dtype)
+    if info.max > _INT32_MAX:
+        ids = xp.minimum(ids, xp.asarray(_INT32_MAX, ids.dtype))
+    if info.min < _INT32_MIN:
+        ids = xp.maximum(ids, xp.asarray(_INT32_MIN, ids.dtype))
+    return ids.astype(xp.int32)
+
+
+def _integral_floats(token_ids, dtype) -> jax.Array:
+    if not _is_concrete(token_ids):
+        raise TypeError(
+            f"token_ids.dtype={dtype} under tracing cannot be checked for integral "
+            "values; cast explicitly with token_ids.astype(jnp.int32)"
+        )
+    # Every float dtype JAX has (float16, bfloat16, float32, float64) is exact in float64.
+    values = np.asarray(token_ids).astype(np.float64)
+    bad = ~np.isfinite(values) | (values != np.trunc(values))
+    if bad.any():
+        position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))
+        raise ValueError(
+            f"{_at(position)}={float(values[position])!r} must be a finite integral value; cast "
+            "explicitly (token_ids.astype(jnp.int32)) if truncation is what you want"
+        )
+    # Clipped in float64, where both int32 bounds are exact, then cast.
+    return jnp.asarray(np.clip(values, _INT32_MIN, _INT32_MAX).astype(np.int32))
+
+
 def to_int32(token_ids) -> jax.Array:
     """Validated int32 ids with the meaning of ``token_ids``; never a silent truncation.
 
-    Integer ids of any width saturate to the int32 range: every id that does not fit
-    is outside any vocabulary, so saturating keeps its meaning under every mode.
-    Float ids are accepted only when concrete, finite and integral.
+    Integer ids of any width, signed or unsigned, saturate to the int32 range: every id
+    that does not fit is outside any vocabulary, so saturating keeps its meaning under
+    every mode. Float ids are accepted only when concrete, finite and integral.
+
+    Raises:
+      TypeError: for booleans, complex numbers, strings and other non-numeric ids, and
+        for float ids under tracing (their values cannot be checked).
+      ValueError: for float ids with a non-integral or non-finite value, naming the
+        first one.
     """
-    dtype = np.dtype(getattr(token_ids, "dtype", None) or np.asarray(token_ids).dtype)
-    if dtype == np.bool_ or not (
-        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
-    ):
+    if isinstance(token_ids, int) and not isinstance(token_ids, bool):
+        # A Python int may not fit any NumPy integer type.
+        return jnp.int32(min(max(token_ids, _INT32_MIN), _INT32_MAX))
+    dtype = getattr(token_ids, "dtype", None)
+    dtype = np.asarray(token_ids).dtype if dtype is None else np.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return _integral_floats(token_ids, dtype)
+    if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(
             f"token_ids.dtype={dtype} must be an integer type (or integral floats); "
             "booleans, complex numbers and strings are not token ids"
         )
-    if np.issubdtype(dtype, np.floating):
-        if not _is_concrete(token_ids):
-            raise TypeError(
-                f"token_ids.dtype={dtype} under tracing cannot be checked for integral "
-                "values; cast explicitly with token_ids.astype(jnp.int32)"
-            )
-        values = np.asarray(token_ids)
-        bad = ~np.isfinite(values) | (values != np.trunc(values))
-        if bad.any():
-            position = np.unravel_index(np.argmax(bad), values.shape)
-            raise ValueError(
-                f"token_ids[{', '.join(map(str, position))}]={values[position]!r} must be a "
-                "finite integral value; cast explicitly (token_ids.astype(jnp.int32)) if "
-                "truncation is what you want"
-            )
-        values = np.clip(values, _INT32.min, _INT32.max)
-        return jnp.asarray(values.astype(np.int32))
     if dtype == np.int32:
         return jnp.asarray(token_ids)
     if _is_concrete(token_ids) and not isinstance(token_ids, jax.Array):
-        # NumPy int64/uint64 would be truncated by jnp.asarray when x64 is off.
-        return jnp.asarray(np.clip(np.asarray(token_ids), _INT32.min, _INT32.max).astype(np.int32))
-    ids = jnp.asarray(token_ids)
-    if jnp.iinfo(ids.dtype).bits > 32 or jnp.iinfo(ids.dtype).max > _INT32.max:
-        ids = jnp.clip(ids, _INT32.min, _INT32.max)
-    return ids.astype(jnp.int32)
+        # NumPy int64/uint64 would be wrapped by jnp.asarray when x64 is off.
+        return jnp.asarray(_saturate(np.asarray(token_ids), np))
+    return _saturate(jnp.asarray(token_ids), jnp)
 
 
 def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
-    """``mode="error"``: raise on concrete ids, ``checkify.check`` on traced ones."""
+    """``mode="error"``: raise on concrete ids, ``checkify.check`` on traced ones.
+
+    Raises:
+      IndexError: on concrete ids, naming the first id outside ``[-V, V)``, its position
+        and the valid range. Under tracing, the same message is a ``checkify`` error.
+    """
     valid_range = f"[{-vocab_size}, {vocab_size})"
     if _is_concrete(ids):
         values = np.asarray(ids)
         bad = (values < -vocab_size) | (values >= vocab_size)
         if bad.any():
-            position = np.unravel_index(np.argmax(bad), values.shape)
+            position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))
             raise IndexError(
-                f"token id {int(values[position])} at position {tuple(map(int, position))} is "
+                f"token id {int(values[position])} at position {position} is "
                 f"outside the valid range {valid_range} for vocab_size={vocab_size}"
             )
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -57,6 +58,8 @@ class MyEmbed(nnx.Module):
         self.backend = dispatch.check_backend(backend)
         self.mode = ids.check_mode(mode)
         self.fill_value = fill_value
+        if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise TypeError(f"dtype={jnp.dtype(dtype)!r} must be a floating dtype")
         self.dtype = dtype
         key = rngs.params()
         self.embedding = nnx.Param(
@@ -81,6 +84,7 @@ def _positive_int(name: str, value) -> int:
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
         or value != int(value)
         or value <= 0
     ):

@@ -1,7 +1,8 @@
-"""Shared pytest setup: markers, and the GPU skip.
+"""Shared pytest setup: markers, and the skips for ``gpu`` and ``large`` tests.
 
 ``gpu`` tests need a CUDA GPU; Bazel excludes them unless ``--config=gpu``, and plain
-pytest skips them when JAX's default backend is not a GPU.
+pytest skips them when JAX's default backend is not a GPU. ``large`` tests need several
+GB of memory; they run only when asked for: ``pytest -m large`` (``--config=large``).
 """
 
 import jax
@@ -14,9 +15,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; JAX's default backend is not a GPU")
+    skips = {}
+    if jax.default_backend() != "gpu":
+        skips["gpu"] = "needs a CUDA GPU; JAX's default backend is not a GPU"
+    markexpr = config.getoption("markexpr", "")
+    if "large" not in markexpr or "not large" in markexpr:
+        skips["large"] = "needs about 5 GB of memory; run with -m large (bazel: --config=large)"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
