@@ -47,33 +47,39 @@ def _xla(table, ids):
     return table[ids]
 
 
-def _pallas(table, ids, *, interpret):
-    return pallas_gather.lookup(table, ids, interpret)
+def _pallas(table, ids, *, deterministic, interpret=False):
+    return pallas_gather.lookup(table, ids, interpret, deterministic)
 
 
-def _triton(table, ids):
+def _triton(table, ids, *, deterministic):
     from kernels import triton_gather  # Imported lazily: it needs jax-triton and CUDA.
 
-    return triton_gather.lookup(table, ids)
+    return triton_gather.lookup(table, ids, deterministic)
 
 
-_COMPILED = {"pallas": functools.partial(_pallas, interpret=False), "triton": _triton}
+_KERNELS = {"pallas": _pallas, "triton": _triton}
 
 
-def gather(table: jax.Array, ids: jax.Array, backend: str = "auto") -> jax.Array:
-    """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform."""
+def gather(
+    table: jax.Array, ids: jax.Array, backend: str = "auto", *, deterministic: bool = False
+) -> jax.Array:
+    """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform.
+
+    ``deterministic=True`` makes the kernels' backward sort-based and bit-reproducible
+    (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it: XLA's own scatter
+    determinism is governed by XLA flags (``--xla_gpu_deterministic_ops``).
+    """
     check_backend(backend)
     if backend == "xla":
         return _xla(table, ids)
+    kernel = AUTO["cuda"] if backend == "auto" else backend
+    gpu = functools.partial(_KERNELS[kernel], deterministic=deterministic)
     if backend == "triton":
-        return _triton(table, ids)
-    if backend == "pallas":
-        # Off GPU the same kernel runs in the Pallas interpreter.
-        gpu = _COMPILED["pallas"]
-        default = functools.partial(_pallas, interpret=True)
-    else:
-        gpu = _COMPILED[AUTO["cuda"]]
+        return gpu(table, ids)  # jax-triton has no CPU path: no default branch.
+    if backend == "auto":
         default = _xla
+    else:  # Off GPU the same Pallas kernel runs in the interpreter.
+        default = functools.partial(_pallas, interpret=True, deterministic=deterministic)
     return jax.lax.platform_dependent(table, ids, cuda=gpu, rocm=gpu, default=default)
 
 
@@ -84,14 +90,20 @@ def lookup(
     backend: str = "auto",
     mode: str = "clip",
     fill_value=jnp.nan,
+    deterministic: bool = False,
 ) -> jax.Array:
-    """Embedding rows for ``token_ids`` of any shape: ``token_ids.shape + (d_model,)``."""
+    """Embedding rows for ``token_ids`` of any shape: ``token_ids.shape + (d_model,)``.
+
+    ``mode`` and ``fill_value`` are the out-of-range policy (``embed.ids``);
+    ``deterministic`` selects a bit-reproducible kernel backward (``gather``).
+    """
     ids_lib.check_mode(mode)
     vocab_size, d_model = table.shape
     ids = ids_lib.to_int32(token_ids)
     if mode == "error":
         ids_lib.check_in_vocab(ids, vocab_size)
-    rows = gather(table, ids.reshape(-1), backend).reshape(*ids.shape, d_model)
+    rows = gather(table, ids.reshape(-1), backend, deterministic=deterministic)
+    rows = rows.reshape(*ids.shape, d_model)
     if mode == "fill":
         rows = ids_lib.apply_fill(rows, ids, vocab_size, fill_value)
     return rows

@@ -36,8 +36,15 @@ class MyEmbed(nnx.Module):
         ``embed.dispatch.backend_for`` for what ``"auto"`` picks.
       mode: out-of-range policy, ``"clip"``, ``"fill"`` or ``"error"`` (``embed.ids``).
       fill_value: the row value for ``mode="fill"``.
-      dtype: dtype of the output (default: ``param_dtype``).
+      dtype: dtype of the output (default: ``param_dtype``), and of ``attend``'s
+        computation.
       param_dtype: dtype of the table: float32, bfloat16 or float16.
+      scale_by_sqrt_d: multiply the looked-up rows by ``sqrt(d_model)`` (T5/Gemma
+        style). Off by default, so the output is the table's rows bit for bit;
+        ``attend`` is never scaled.
+      deterministic: make the kernel backends' table gradient bit-reproducible
+        (sort-based, no float atomics; slower when ids repeat). The ``"xla"`` backend
+        ignores it: XLA's determinism is set by XLA flags (``embed.dispatch.gather``).
     """
 
     def __init__(
@@ -51,6 +58,8 @@ class MyEmbed(nnx.Module):
         fill_value: float = float("nan"),
         dtype=None,
         param_dtype=jnp.float32,
+        scale_by_sqrt_d: bool = False,
+        deterministic: bool = False,
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.d_model = _positive_int("d_model", d_model)
@@ -61,6 +70,8 @@ class MyEmbed(nnx.Module):
         if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise TypeError(f"dtype={jnp.dtype(dtype)!r} must be a floating dtype")
         self.dtype = dtype
+        self.scale_by_sqrt_d = scale_by_sqrt_d
+        self.deterministic = deterministic
         key = rngs.params()
         self.embedding = nnx.Param(
             jax.random.normal(key, (self.vocab_size, self.d_model), param_dtype)
@@ -73,8 +84,42 @@ class MyEmbed(nnx.Module):
             backend=self.backend,
             mode=self.mode,
             fill_value=self.fill_value,
+            deterministic=self.deterministic,
         )
-        return rows if self.dtype is None else rows.astype(self.dtype)
+        rows = rows if self.dtype is None else rows.astype(self.dtype)
+        return rows * jnp.sqrt(self.d_model).astype(rows.dtype) if self.scale_by_sqrt_d else rows
+
+    def attend(self, query: jax.Array, *, precision=None) -> jax.Array:
+        """The tied output projection ``query @ embedding.T``, as ``nnx.Embed.attend``.
+
+        As in ``nnx.Embed``, ``query`` and the table are both cast to ``dtype`` (default:
+        the table's dtype), the dtype of the logits. A 16-bit product is accumulated in
+        float32 (``preferred_element_type``) and rounded once, so 16-bit logits keep the
+        low bits of long dot products on every platform; set ``dtype=jnp.float32`` for
+        float32 logits from a 16-bit table.
+
+        >>> layer = MyEmbed(10, 4, nnx.Rngs(0))
+        >>> layer.attend(jnp.ones((2, 4))).shape
+        (2, 10)
+
+        Args:
+          query: ``[..., d_model]``.
+          precision: ``jnp.matmul``'s; e.g. ``"highest"`` keeps GPUs from computing a
+            float32 product in TF32.
+
+        Returns:
+          ``[..., vocab_size]`` logits in ``dtype``.
+        """
+        table = self.embedding[...]
+        dtype = jnp.dtype(self.dtype or table.dtype)
+        accumulate = jnp.float32 if dtype.itemsize < 4 else dtype
+        logits = jnp.matmul(
+            query.astype(dtype),
+            table.astype(dtype).T,
+            precision=precision,
+            preferred_element_type=accumulate,
+        )
+        return logits.astype(dtype)
 
 
 _MAX_VOCAB = 2**31 - 1  # Ids are int32 once validated.

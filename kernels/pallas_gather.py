@@ -1,7 +1,8 @@
 """Embedding gather as a Pallas kernel (Triton lowering on GPU, ``interpret=True`` on CPU).
 
 Layout, as in JAX's own Pallas GPU ops: forward kernel, its jitted wrapper, backward
-kernel, its wrapper, then the ``custom_vjp`` wiring. The plain-JAX oracle is in
+kernels (atomic ``scatter_add``, deterministic sort-based ``segment_sum``) with their
+wrappers, then the ``custom_vjp`` wiring. The plain-JAX oracle is in
 ``kernels/reference.py``.
 
 The table stays in HBM (``memory_space=pl.ANY``) and is read with gathered loads; each
@@ -197,21 +198,117 @@ def scatter_add(
     return grad[:, :d_model]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def lookup(table: jax.Array, ids: jax.Array, interpret: bool = False) -> jax.Array:
-    """``gather`` with ``scatter_add`` as its table gradient; what the layer calls."""
+def _segment_sum_kernel(
+    bounds_ref,  # [num_row_blocks * block_v + 1] int32, in HBM
+    order_ref,  # [num_tokens] int32, in HBM
+    grad_out_ref,  # [num_tokens, padded_d], in HBM
+    grad_ref,  # [block_v, block_d] float32
+):
+    block_v, block_d = grad_ref.shape
+    first_row = pl.program_id(0) * block_v
+    cols = pl.ds(pl.program_id(1) * block_d, block_d)
+
+    # Row r's tokens are order[bounds[r]:bounds[r + 1]], in increasing token position
+    # (a stable sort), so each row is summed left to right in one fixed order.
+    def sum_row(r, carry):
+        def add_token(k, acc):
+            return acc + grad_out_ref[order_ref[k], cols].astype(jnp.float32)
+
+        start, end = bounds_ref[first_row + r], bounds_ref[first_row + r + 1]
+        acc = jax.lax.fori_loop(start, end, add_token, jnp.zeros((block_d,), jnp.float32))
+        grad_ref[r, :] = acc
+        return carry
+
+    jax.lax.fori_loop(0, block_v, sum_row, None)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["vocab_size", "block_v", "block_d", "num_warps", "num_stages", "interpret"],
+)
+def segment_sum(
+    grad_out: jax.Array,  # [num_tokens, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+    *,
+    vocab_size: int,
+    block_v: int = 8,
+    block_d: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [vocab_size, d_model] float32
+    """Deterministic table gradient of ``gather``: sort-based, no float atomics.
+
+    Same semantics as ``scatter_add`` (rows ``i mod V``; ids outside ``[-V, V)`` add
+    nothing), but bit-reproducible: ids are mapped to their row (dropped ids to the
+    sentinel ``V``) and stably argsorted, and each program owns ``block_v`` whole output
+    rows and sums each row's gradient rows in token order in a float32 accumulator.
+
+    Cost: an XLA sort of ``num_tokens`` ids, a ``searchsorted`` of ``V + 1`` row
+    boundaries, then one kernel that writes every ``[V, d_model]`` float32 element once
+    and reads each live gradient row once. The work of a row is serial: a batch whose
+    ids are all equal is one program summing ``num_tokens`` rows one after another, where
+    ``scatter_add`` spreads them over many programs. Use it for reproducibility, not speed.
+    """
+    (num_tokens, d_model) = grad_out.shape
+    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
+        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
+    if num_tokens == 0:
+        return jnp.zeros((vocab_size, d_model), jnp.float32)
+    _, block_d = _resolve_blocks(num_tokens, d_model, grad_out.dtype.itemsize, 1, block_d)
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"{block_v=} must be a positive power of two")
+    rows = jnp.where(in_vocab(ids, vocab_size), wrap_and_clamp(ids, vocab_size), vocab_size)
+    order = jnp.argsort(rows, stable=True).astype(jnp.int32)
+    # bounds[r] = first sorted position of row r; rows past V (the last block's padding)
+    # get the empty segment [live, live), and the sentinel's tokens are never read.
+    num_row_blocks = pl.cdiv(vocab_size, block_v)
+    row_starts = jnp.arange(num_row_blocks * block_v + 1, dtype=jnp.int32)
+    bounds = jnp.searchsorted(rows[order], row_starts).astype(jnp.int32)
+    # Columns are padded to whole blocks so every load is an unmasked row slice.
+    padded_d = pl.cdiv(d_model, block_d) * block_d
+    grad_out = jnp.pad(grad_out, ((0, 0), (0, padded_d - d_model)))
+    grad = pl.pallas_call(
+        _segment_sum_kernel,
+        grid=(num_row_blocks, padded_d // block_d),
+        in_specs=[
+            pl.BlockSpec(memory_space=pl.ANY),  # bounds
+            pl.BlockSpec(memory_space=pl.ANY),  # order
+            pl.BlockSpec(memory_space=pl.ANY),  # grad_out
+        ],
+        out_specs=pl.BlockSpec((block_v, block_d), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=num_stages),
+        interpret=interpret,
+        name=f"embedding_segment_sum_{block_v=}_{block_d=}",
+    )(bounds, order, grad_out)
+    return grad[:, :d_model]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def lookup(
+    table: jax.Array, ids: jax.Array, interpret: bool = False, deterministic: bool = False
+) -> jax.Array:
+    """``gather`` with its table gradient; what the layer calls.
+
+    The gradient is ``scatter_add`` (float32 atomics, summation order of repeated ids
+    not fixed), or ``segment_sum`` when ``deterministic`` (bit-reproducible, slower
+    for heavily repeated ids). Either is accumulated in float32 and cast once to the
+    table's dtype.
+    """
     return gather(table, ids, interpret=interpret)
 
 
-def _lookup_fwd(table, ids, interpret):
+def _lookup_fwd(table, ids, interpret, deterministic):
     # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
     return gather(table, ids, interpret=interpret), (ids, table[:, :0])
 
 
-def _lookup_bwd(interpret, residuals, grad_out):
+def _lookup_bwd(interpret, deterministic, residuals, grad_out):
     ids, table_like = residuals
     vocab_size = table_like.shape[0]
-    grad = scatter_add(grad_out, ids, vocab_size=vocab_size, interpret=interpret)
+    backward = segment_sum if deterministic else scatter_add
+    grad = backward(grad_out, ids, vocab_size=vocab_size, interpret=interpret)
     return grad.astype(table_like.dtype), None
 
 

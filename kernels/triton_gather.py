@@ -27,6 +27,7 @@ become 128-bit vectors. This costs at most four compiled variants per dtype (``V
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import triton
 import triton.language as tl
+
+from kernels import pallas_gather
 
 SUPPORTED_DTYPES = (
     jnp.dtype(jnp.float32),
@@ -480,20 +483,28 @@ def compile_scatter_add(
 # custom_vjp wiring: the layer's "triton" backend.
 
 
-@jax.custom_vjp
-def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-    """``gather`` with ``scatter_add`` as its table gradient; what the layer calls."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lookup(table: jax.Array, ids: jax.Array, deterministic: bool = False) -> jax.Array:
+    """``gather`` with ``scatter_add`` as its table gradient; what the layer calls.
+
+    ``deterministic=True`` takes the sort-based Pallas backward
+    (``pallas_gather.segment_sum``) instead of float atomics.
+    """
     return gather(table, ids)
 
 
-def _lookup_fwd(table, ids):
+def _lookup_fwd(table, ids, deterministic):
     # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
     return gather(table, ids), (ids, table[:, :0])
 
 
-def _lookup_bwd(residuals, grad_out):
+def _lookup_bwd(deterministic, residuals, grad_out):
     ids, table_like = residuals
-    grad = scatter_add(grad_out, ids, table_like.shape[0])
+    vocab_size = table_like.shape[0]
+    if deterministic:
+        grad = pallas_gather.segment_sum(grad_out, ids, vocab_size=vocab_size)
+    else:
+        grad = scatter_add(grad_out, ids, vocab_size)
     return grad.astype(table_like.dtype), None
 
 

@@ -1,0 +1,1 @@
+"""Users of the library: consumers of ``//embed``'s public API only."""

@@ -1,0 +1,1 @@
+"""A tiny causal language model with a tied ``MyEmbed`` input and output."""
