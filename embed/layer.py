@@ -45,6 +45,8 @@ class MyEmbed(nnx.Module):
       deterministic: make the kernel backends' table gradient bit-reproducible
         (sort-based, no float atomics; slower when ids repeat). The ``"xla"`` backend
         ignores it: XLA's determinism is set by XLA flags (``embed.dispatch.gather``).
+      sharding: logical axes of the table, mapped onto a mesh by
+        ``nnx.logical_axis_rules`` (``embed.sharding``); ``None`` for no annotation.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class MyEmbed(nnx.Module):
         param_dtype=jnp.float32,
         scale_by_sqrt_d: bool = False,
         deterministic: bool = False,
+        sharding: tuple[str | None, str | None] | None = ("vocab", "embed"),
     ):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.d_model = _positive_int("d_model", d_model)
@@ -73,8 +76,12 @@ class MyEmbed(nnx.Module):
         self.scale_by_sqrt_d = scale_by_sqrt_d
         self.deterministic = deterministic
         key = rngs.params()
+        # eager_sharding=False: the axes are metadata until a mesh places the table, so
+        # the layer can be built outside any mesh.
         self.embedding = nnx.Param(
-            jax.random.normal(key, (self.vocab_size, self.d_model), param_dtype)
+            jax.random.normal(key, (self.vocab_size, self.d_model), param_dtype),
+            out_sharding=sharding,
+            eager_sharding=False,
         )
 
     def __call__(self, token_ids) -> jax.Array:

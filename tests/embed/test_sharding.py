@@ -1,0 +1,417 @@
+"""Sharded lookups on 8 host CPU devices against the unsharded ``embed.lookup``.
+
+The devices come from ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which
+must be set before JAX starts its CPU backend. The Bazel target sets it. Under plain
+pytest, JAX may already run with one device because another test file started it, and
+flags cannot change then; ``test_eight_device_suite_in_a_subprocess`` then runs this
+file again in a fresh interpreter with the flag, so its checks run under plain
+``pytest tests/`` too, and never leak 8 devices into the other test files.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.experimental import checkify
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from embed import MyEmbed, lookup, sharding
+from kernels.reference import gather_grad_reference
+from tests import grid
+
+NUM_DEVICES = 8
+DEVICE_FLAG = f"--xla_force_host_platform_device_count={NUM_DEVICES}"
+_IN_SUBPROCESS = "EMBED_SHARDING_SUBPROCESS"
+
+HAVE_DEVICES = jax.default_backend() == "cpu" and jax.device_count() >= NUM_DEVICES
+needs_devices = pytest.mark.skipif(
+    not HAVE_DEVICES,
+    reason=f"needs {NUM_DEVICES} CPU devices ({DEVICE_FLAG} before JAX starts); "
+    "test_eight_device_suite_in_a_subprocess runs these checks instead",
+)
+
+LAYOUTS = sharding.LAYOUTS
+BACKENDS = ["xla", "pallas", "auto"]
+# Grid cases at its odd token count (x 8 rows of ids): V = 1 and 7, the narrowest and an
+# odd row, each dtype, and the GPT-2 vocabulary (50257 rows, not a multiple of 8, so
+# the table is padded). The kernels' own tests cover the rest of the grid; here each
+# case compiles 8-way programs on a 2-core CPU.
+CASES = [
+    c
+    for c in grid.GATHER_CASES
+    if (c[3] == 7 and c[1:3] in ((1, 1), (7, 1), (7, 129)))
+    or (c[3] == 7 and c[1:3] == (1, 129) and c[0] != jnp.float32)
+    or c[1:3] == (50257, 3)
+]
+
+
+def _mesh(shape=(NUM_DEVICES,), names=("x",), axis_type=AxisType.Auto):
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
+
+
+def _ids(vocab_size, num_tokens, seed=0):
+    # (8, T): the batch splits evenly over 8 data shards; the edge ids lead row 0.
+    flat = grid.make_ids(vocab_size, NUM_DEVICES * num_tokens, seed)
+    return jnp.asarray(flat.reshape(NUM_DEVICES, num_tokens))
+
+
+def _vjp(fn, table, grad_out):
+    out, vjp = jax.vjp(fn, table)
+    return out, vjp(grad_out)[0]
+
+
+def _grad_tolerance(ids, grad_out, vocab_size, dtype):
+    """Per-row bound on two summation orders of the same float contributions.
+
+    Recursive summation of ``k`` terms errs by at most about ``k * eps * sum|terms|``;
+    two orders differ by at most twice that. ``k`` is the row's count of live tokens.
+    """
+    flat_ids = ids.reshape(-1)
+    terms = jnp.abs(grad_out.astype(jnp.float32)).reshape(flat_ids.shape[0], -1)
+    magnitude = gather_grad_reference(terms, flat_ids, vocab_size)
+    counts = gather_grad_reference(jnp.ones_like(terms[:, :1]), flat_ids, vocab_size)
+    return 2 * counts * float(jnp.finfo(dtype).eps) * magnitude
+
+
+def _assert_grads_match(actual, expected, layout, ids, grad_out):
+    if layout != "data":  # Each row's terms are added in the unsharded order.
+        grid.assert_bits_equal(actual, expected)
+        return
+    # Data shards add partial sums, then psum them: another order of the same terms.
+    vocab_size = actual.shape[0]
+    bound = _grad_tolerance(ids, grad_out, vocab_size, actual.dtype)
+    diff = jnp.abs(actual.astype(jnp.float32) - expected.astype(jnp.float32))
+    assert actual.dtype == expected.dtype
+    assert bool(jnp.all(diff <= bound)), float(jnp.max(diff - bound))
+
+
+@needs_devices
+@pytest.mark.parametrize("case", CASES, ids=grid.case_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
+    dtype, vocab_size, d_model, num_tokens = case
+    table = grid.make_table(vocab_size, d_model, dtype)
+    ids = _ids(vocab_size, num_tokens)
+    grad_out = grid.make_table(NUM_DEVICES * num_tokens, d_model, dtype, seed=1)
+    grad_out = grad_out.reshape(*ids.shape, d_model)
+    expected, expected_grad = _vjp(lambda t: lookup(t, ids, backend=backend), table, grad_out)
+    mesh = _mesh()
+
+    def sharded(t):
+        return sharding.sharded_lookup(
+            t, ids, mesh=mesh, layout=layout, axis_name="x", backend=backend
+        )
+
+    out, grad = _vjp(sharded, table, grad_out)
+    grid.assert_bits_equal(out, expected)
+    _assert_grads_match(grad, expected_grad, layout, ids, grad_out)
+
+
+@needs_devices
+@pytest.mark.parametrize("mode", ["clip", "fill"])
+@pytest.mark.parametrize("backend", ["xla", "pallas"])  # "auto" is "xla" on CPU.
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_modes_match_unsharded_with_edge_ids(layout, backend, mode):
+    vocab_size, d_model = 7, 5
+    table = grid.make_table(vocab_size, d_model, jnp.float32)
+    ids = jnp.asarray(np.tile(grid.edge_ids(vocab_size), (NUM_DEVICES, 2)))  # (8, 16)
+    grad_out = grid.make_table(ids.size, d_model, jnp.float32, seed=2).reshape(*ids.shape, -1)
+    kwargs = {"backend": backend, "mode": mode, "fill_value": -7.5}
+    expected, expected_grad = _vjp(lambda t: lookup(t, ids, **kwargs), table, grad_out)
+    mesh = _mesh()
+
+    def sharded(t):
+        return sharding.sharded_lookup(t, ids, mesh=mesh, layout=layout, axis_name="x", **kwargs)
+
+    out, grad = _vjp(sharded, table, grad_out)
+    grid.assert_bits_equal(out, expected)
+    _assert_grads_match(grad, expected_grad, layout, ids, grad_out)
+    # The clamped rows 0 and V-1 were read by out-of-range ids; they must add nothing.
+    live = (ids >= -vocab_size) & (ids < vocab_size)
+    assert not bool(jnp.all(live))
+    only_live = jnp.where(live[..., None], grad_out, 0.0)
+    reference = gather_grad_reference(only_live.reshape(-1, d_model), ids.reshape(-1), vocab_size)
+    _assert_grads_match(grad, reference, layout, ids, grad_out)
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_error_mode_raises_eagerly_and_under_checkify(layout):
+    table = grid.make_table(7, 3, jnp.float32)
+    mesh = _mesh()
+    lookup_ = jax.tree_util.Partial(
+        sharding.sharded_lookup, mesh=mesh, layout=layout, axis_name="x", mode="error"
+    )
+    good = jnp.asarray(np.tile([0, 6, -7, -1], (NUM_DEVICES, 1)))
+    grid.assert_bits_equal(lookup_(table, good), lookup(table, good))
+    bad = good.at[3, 2].set(7)
+    with pytest.raises(IndexError, match=r"token id 7 at position \(3, 2\)"):
+        lookup_(table, bad)
+    err, _ = jax.jit(checkify.checkify(lookup_))(table, bad)
+    with pytest.raises(checkify.JaxRuntimeError, match="token id 7 at flat position 14"):
+        err.throw()
+    err, out = jax.jit(checkify.checkify(lookup_))(table, good)
+    err.throw()
+    grid.assert_bits_equal(out, lookup(table, good))
+
+
+@needs_devices
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_reduce_scatter_leaves_tokens_split_and_matches(backend):
+    table = grid.make_table(50, 6, jnp.bfloat16)
+    ids = jnp.asarray(grid.make_ids(50, 2 * 16).reshape(16, 2))  # [seq, batch], Megatron's
+    grad_out = grid.make_table(32, 6, jnp.bfloat16, seed=3).reshape(16, 2, 6)
+    mesh = _mesh()
+    expected, expected_grad = _vjp(lambda t: lookup(t, ids, backend=backend), table, grad_out)
+
+    def sharded(t, scatter):
+        return sharding.sharded_lookup(
+            t, ids, mesh=mesh, layout="vocab", axis_name="x", backend=backend,
+            reduce_scatter=scatter,
+        )  # fmt: skip
+
+    out, grad = _vjp(lambda t: sharded(t, True), table, grad_out)
+    grid.assert_bits_equal(out, expected)
+    grid.assert_bits_equal(grad, expected_grad)
+    hlo = jax.jit(lambda t: sharded(t, True)).lower(table).compile().as_text()
+    assert "reduce-scatter" in hlo and "all-reduce-start" not in hlo
+    hlo = jax.jit(lambda t: sharded(t, False)).lower(table).compile().as_text()
+    assert "reduce-scatter" not in hlo and "all-reduce" in hlo
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", ["vocab", "model"])
+def test_data_plus_tensor_parallel_on_a_2d_mesh(layout):
+    table = grid.make_table(100, 24, jnp.float32)
+    ids = _ids(100, 6)
+    grad_out = grid.make_table(ids.size, 24, jnp.float32, seed=4).reshape(*ids.shape, 24)
+    expected, expected_grad = _vjp(lambda t: lookup(t, ids), table, grad_out)
+    mesh = _mesh((2, 4), ("dp", "tp"))
+
+    def sharded(t):
+        return sharding.sharded_lookup(
+            t, ids, mesh=mesh, layout=layout, axis_name="tp", batch_axis="dp",
+            reduce_scatter=layout == "vocab", gather_output=False,
+        )  # fmt: skip
+
+    out, grad = _vjp(sharded, table, grad_out)
+    grid.assert_bits_equal(out, expected)
+    # Two batch shards' partial gradients are summed: the data-parallel tolerance.
+    _assert_grads_match(grad, expected_grad, "data", ids, grad_out)
+
+
+@needs_devices
+def test_model_layout_can_leave_columns_split():
+    table = grid.make_table(9, 16, jnp.float32)
+    ids = jnp.asarray(grid.make_ids(9, 8))
+    mesh = _mesh()
+    fn = jax.jit(
+        lambda t: sharding._sharded_rows(
+            t,
+            ids,
+            plan=sharding._Plan(mesh, "model", "x", (), "xla", False, False, False),
+        )
+    )
+    out = fn(table)
+    grid.assert_bits_equal(out, lookup(table, ids))
+    assert out.sharding.spec == P(None, "x")
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_explicit_mesh_under_set_mesh(layout):
+    table = grid.make_table(16, 8, jnp.float32)
+    ids = _ids(16, 2)
+    mesh = _mesh(axis_type=AxisType.Explicit)
+    if layout != "data":
+        with jax.set_mesh(mesh), pytest.raises(ValueError, match="must be a multiple of 8"):
+            sharding.sharded_lookup(table[:15, :7], ids, mesh=mesh, layout=layout, axis_name="x")
+    with jax.set_mesh(mesh):
+        fn = jax.jit(
+            jax.value_and_grad(
+                lambda t: sharding.sharded_lookup(
+                    t, ids, mesh=mesh, layout=layout, axis_name="x"
+                ).sum()
+            )
+        )
+        value, grad = fn(table)
+    expected_value, expected_grad = jax.value_and_grad(lambda t: lookup(t, ids).sum())(table)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-6)
+    np.testing.assert_array_equal(grad, expected_grad)  # Integer counts: exact.
+
+
+# --- MyEmbed's sharding metadata (needs the one-line change to embed/layer.py) ---------
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layer_table_carries_logical_axes_and_shards_under_nnx_jit(layout):
+    mesh = _mesh()
+    rules = sharding.logical_axis_rules(layout, "x")
+    layer = MyEmbed(16, 8, nnx.Rngs(0))
+    assert layer.embedding.get_metadata()["out_sharding"] == sharding.LOGICAL_AXES
+    with nnx.logical_axis_rules(rules):
+        spec = nnx.get_partition_spec(nnx.state(layer))["embedding"].get_value()
+    assert spec == {"vocab": P("x", None), "model": P(None, "x"), "data": P(None, None)}[layout]
+
+    # Flax's recipe for a sharded init: nnx.jit, then a sharding constraint per spec.
+    @nnx.jit
+    def create():
+        model = MyEmbed(16, 8, nnx.Rngs(0))
+        state = nnx.state(model)
+        with nnx.logical_axis_rules(rules):
+            specs = nnx.get_partition_spec(state)
+        nnx.update(model, jax.lax.with_sharding_constraint(state, specs))
+        return model
+
+    with jax.set_mesh(mesh):
+        model = create()
+    assert model.embedding[...].sharding.is_equivalent_to(NamedSharding(mesh, spec), 2)
+    grid.assert_bits_equal(model.embedding[...], layer.embedding[...])
+
+
+@needs_devices
+def test_layer_axes_can_be_overridden_or_dropped():
+    assert MyEmbed(4, 2, nnx.Rngs(0), sharding=None).embedding.get_metadata().get(
+        "out_sharding"
+    ) in (None, ())
+    custom = MyEmbed(4, 2, nnx.Rngs(0), sharding=("rows", None))
+    assert custom.embedding.get_metadata()["out_sharding"] == ("rows", None)
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shard_module_places_the_table(layout):
+    mesh = _mesh()
+    layer = sharding.shard_module(
+        MyEmbed(16, 8, nnx.Rngs(0)), mesh, sharding.logical_axis_rules(layout, "x")
+    )
+    expected = {"vocab": P("x", None), "model": P(None, "x"), "data": P(None, None)}[layout]
+    assert layer.embedding[...].sharding.is_equivalent_to(NamedSharding(mesh, expected), 2)
+
+
+# --- A jit-compiled training step, sharded ---------------------------------------------
+
+
+class _TinyModel(nnx.Module):
+    """embed -> mean over the sequence -> linear: just enough to train."""
+
+    def __init__(self, vocab_size, d_model, rngs, *, backend):
+        self.embed = MyEmbed(vocab_size, d_model, rngs, backend=backend)
+        self.head = nnx.Linear(d_model, 1, rngs=rngs)
+
+    def __call__(self, ids, embed_fn):
+        return self.head(embed_fn(self.embed, ids).mean(axis=1))[:, 0]
+
+
+def _train(layout, backend, steps=3):
+    mesh = _mesh()
+    model = _TinyModel(64, 16, nnx.Rngs(0), backend=backend)
+    if layout is not None:
+        sharding.shard_module(model, mesh, sharding.logical_axis_rules(layout, "x"))
+
+        def embed_fn(m, ids):
+            return sharding.apply_sharded(m, ids, mesh=mesh, layout=layout, axis_name="x")
+    else:
+
+        def embed_fn(m, ids):
+            return m(ids)
+
+    optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, ids, targets):
+        def loss_fn(model):
+            return jnp.mean((model(ids, embed_fn) - targets) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    ids = _ids(64, 12, seed=5)
+    targets = jnp.linspace(-1.0, 1.0, NUM_DEVICES)
+    losses = [float(step(model, optimizer, ids, targets)) for _ in range(steps)]
+    return losses, model
+
+
+@needs_devices
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_jitted_training_step_runs_sharded(layout, backend):
+    losses, model = _train(layout, backend)
+    expected_losses, expected_model = _train(None, backend)
+    assert losses[-1] < losses[0]
+    # Forward bits match; data-parallel gradients differ in summation order only.
+    np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+    np.testing.assert_allclose(
+        model.embed.embedding[...], expected_model.embed.embedding[...], rtol=1e-5, atol=1e-6
+    )
+    assert len(model.embed.embedding[...].sharding.device_set) == NUM_DEVICES
+
+
+# --- Validation, and the timing hook ---------------------------------------------------
+
+
+@needs_devices
+def test_bad_arguments_are_rejected():
+    table, ids, mesh = jnp.zeros((4, 2)), jnp.zeros((8,), jnp.int32), _mesh()
+    with pytest.raises(ValueError, match=r"layout='rows' must be one of \('vocab'"):
+        sharding.sharded_lookup(table, ids, mesh=mesh, layout="rows", axis_name="x")
+    with pytest.raises(ValueError, match=r"axis_name='tp' must be an axis of the mesh"):
+        sharding.sharded_lookup(table, ids, mesh=mesh, layout="vocab", axis_name="tp")
+    with pytest.raises(ValueError, match=r"reduce_scatter=True needs layout='vocab'"):
+        sharding.sharded_lookup(
+            table, ids, mesh=mesh, layout="data", axis_name="x", reduce_scatter=True
+        )
+    with pytest.raises(ValueError, match=r"batch_axis='x' must be None for layout='data'"):
+        sharding.sharded_lookup(table, ids, mesh=mesh, layout="data", axis_name="x", batch_axis="x")
+
+
+@needs_devices
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_timing_case_runs_and_says_cpu_simulated(layout):
+    fn, args, label = sharding.timing_case(
+        layout, vocab_size=64, d_model=16, num_tokens=32, grad=True
+    )
+    value, grad = fn(*args)
+    table, ids = args
+    np.testing.assert_allclose(value, lookup(table, ids).sum(), rtol=1e-5)
+    assert grad.shape == table.shape
+    assert label == f"{layout}-parallel x{NUM_DEVICES} (CPU-simulated, backend=auto)"
+
+
+# --- Plain pytest with JAX already started on one device --------------------------------
+
+
+@pytest.mark.skipif(
+    HAVE_DEVICES or os.environ.get(_IN_SUBPROCESS) == "1",
+    reason=f"this process has {NUM_DEVICES} CPU devices: the checks above ran here",
+)
+def test_eight_device_suite_in_a_subprocess():
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env[_IN_SUBPROCESS] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    # Everything ran but this test, which skips itself where the devices exist.
+    assert re.search(r"^\d+ passed, 1 skipped in ", run.stdout, re.MULTILINE), run.stdout
