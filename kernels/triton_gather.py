@@ -70,6 +70,17 @@ _TRITON_DTYPE_NAMES = {
 
 
 @triton.jit
+def _wrap_and_clamp(ids, vocab_size):
+    """Rows read for ``ids`` ("clip"): wrap a negative id once, then clamp into the table.
+
+    The Triton twin of ``kernels.reference.wrap_and_clamp``: no program addresses
+    outside the table, whatever ids it is handed.
+    """
+    rows = tl.where(ids < 0, ids + vocab_size, ids)
+    return tl.minimum(tl.maximum(rows, 0), vocab_size - 1)
+
+
+@triton.jit
 def _gather_kernel(
     ids_ptr,  # *i32 [n_tokens]
     table_ptr,  # *T [vocab_size, d_model]
@@ -89,9 +100,7 @@ def _gather_kernel(
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_mask = toks < n_tokens
     ids = tl.load(ids_ptr + toks, mask=tok_mask, other=0)
-    # "clip" mode: wrap a negative id once, then clamp into the table.
-    rows = tl.where(ids < 0, ids + vocab_size, ids)
-    rows = tl.minimum(tl.maximum(rows, 0), vocab_size - 1)
+    rows = _wrap_and_clamp(ids, vocab_size)
 
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
@@ -125,8 +134,7 @@ def _scatter_add_kernel(
     # Ids in [-V, V) add into row id mod V; the rest contribute nothing (jax.grad of
     # table[ids]). The clamp is defensive: rows of dropped ids are masked off anyway.
     in_vocab = tok_mask & (ids >= -vocab_size) & (ids < vocab_size)
-    rows = tl.where(ids < 0, ids + vocab_size, ids)
-    rows = tl.minimum(tl.maximum(rows, 0), vocab_size - 1)
+    rows = _wrap_and_clamp(ids, vocab_size)
 
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
