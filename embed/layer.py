@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from embed import dispatch, ids
-from kernels.pallas_gather import SUPPORTED_DTYPES
+from kernels.reference import check_dtype
 
 
 class MyEmbed(nnx.Module):
@@ -147,9 +147,7 @@ def _positive_int(name: str, value) -> int:
 def _check_table(vocab_size: int, d_model: int, param_dtype) -> None:
     if vocab_size > _MAX_VOCAB:
         raise ValueError(f"{vocab_size=} must be at most {_MAX_VOCAB}: token ids are int32")
-    param_dtype = jnp.dtype(param_dtype)
-    if param_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{param_dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    param_dtype = check_dtype("param_dtype", param_dtype)
     num_bytes = vocab_size * d_model * param_dtype.itemsize
     if num_bytes >= 2**63:
         raise ValueError(

@@ -19,9 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.reference import in_vocab, wrap_and_clamp
-
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+from kernels.reference import check_dtype, in_vocab, wrap_and_clamp
 
 # Bytes of table data one program moves: enough to hide latency, small enough to keep
 # many programs in flight for short sequences.
@@ -49,8 +47,7 @@ def block_sizes(num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]
 def _check_operands(table: jax.Array, ids: jax.Array) -> None:
     if table.ndim != 2:
         raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
-    if table.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{table.dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtype("table.dtype", table.dtype)
     if ids.ndim != 1 or ids.dtype != jnp.int32:
         raise ValueError(f"{ids.shape=}, {ids.dtype=} must be a 1-D int32 array")
 

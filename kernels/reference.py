@@ -13,6 +13,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_dtype(name: str, dtype) -> jnp.dtype:
+    """``dtype`` if a table may have it (every kernel supports the same ones), else TypeError."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}={dtype!r} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    return dtype
+
 
 def wrap_and_clamp(ids: jax.Array, vocab_size: int) -> jax.Array:
     """Rows read for ``ids``: negative ids wrap once, then clamp to ``[0, vocab_size)``.

@@ -37,12 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels import pallas_gather
-
-SUPPORTED_DTYPES = (
-    jnp.dtype(jnp.float32),
-    jnp.dtype(jnp.bfloat16),
-    jnp.dtype(jnp.float16),
-)
+from kernels.reference import check_dtype
 
 # Bytes of one vector access: the widest global load/store (ld.global.v4.b32).
 _VECTOR_BYTES = 16
@@ -263,8 +258,7 @@ def gather(
     """``table[ids]`` (wrap once, then clamp) with ``_gather_kernel``, via jax-triton."""
     if table.ndim != 2:
         raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
-    if jnp.dtype(table.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{table.dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtype("table.dtype", table.dtype)
     if ids.ndim != 1:
         raise ValueError(f"{ids.shape=} must be (num_tokens,)")
     if jnp.dtype(ids.dtype) != jnp.int32:
@@ -319,8 +313,7 @@ def scatter_add(
     """
     if grad_out.ndim != 2:
         raise ValueError(f"{grad_out.shape=} must be (num_tokens, d_model)")
-    if jnp.dtype(grad_out.dtype) not in SUPPORTED_DTYPES:
-        raise TypeError(f"{grad_out.dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    check_dtype("grad_out.dtype", grad_out.dtype)
     if jnp.dtype(ids.dtype) != jnp.int32:
         raise TypeError(f"{ids.dtype=} must be int32")
     if ids.shape != grad_out.shape[:1]:
@@ -424,9 +417,7 @@ def compile_gather(
     ``num_tokens`` and ``vocab_size`` only matter when 1 (then they become constexprs).
     Read the code from ``kernel.asm["ptx"]`` (also ``"ttir"``, ``"ttgir"``, ``"llir"``).
     """
-    dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    dtype = check_dtype("dtype", dtype)
     if d_model < 1:
         raise ValueError(f"{d_model=} must be at least 1")
     cfg = _config(
@@ -463,9 +454,7 @@ def compile_scatter_add(
 
     ``dtype`` is the output gradient's; the accumulator is float32.
     """
-    dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{dtype=} must be one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    dtype = check_dtype("dtype", dtype)
     if d_model < 1:
         raise ValueError(f"{d_model=} must be at least 1")
     cfg = _config(
@@ -520,7 +509,6 @@ lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 __all__ = [
-    "SUPPORTED_DTYPES",
     "compile_gather",
     "compile_scatter_add",
     "gather",
