@@ -97,13 +97,7 @@ def lookup(
     ``mode`` and ``fill_value`` are the out-of-range policy (``embed.ids``);
     ``deterministic`` selects a bit-reproducible kernel backward (``gather``).
     """
-    ids_lib.check_mode(mode)
-    vocab_size, d_model = table.shape
-    ids = ids_lib.to_int32(token_ids)
-    if mode == "error":
-        ids_lib.check_in_vocab(ids, vocab_size)
-    rows = gather(table, ids.reshape(-1), backend, deterministic=deterministic)
-    rows = rows.reshape(*ids.shape, d_model)
-    if mode == "fill":
-        rows = ids_lib.apply_fill(rows, ids, vocab_size, fill_value)
-    return rows
+    gather_rows = functools.partial(gather, backend=backend, deterministic=deterministic)
+    return ids_lib.lookup_with_policy(
+        table, token_ids, gather_rows, mode=mode, fill_value=fill_value
+    )

@@ -21,6 +21,8 @@ treats it as it would the original id.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,3 +145,29 @@ def apply_fill(rows: jax.Array, ids: jax.Array, vocab_size: int, fill_value) -> 
     return jnp.where(
         in_vocab(ids, vocab_size)[..., None], rows, jnp.asarray(fill_value, rows.dtype)
     )
+
+
+def lookup_with_policy(
+    table: jax.Array,
+    token_ids,
+    gather_rows: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    mode: str,
+    fill_value,
+) -> jax.Array:
+    """Rows for ``token_ids`` of any shape, with ``mode`` applied around ``gather_rows``.
+
+    ``gather_rows(table, ids)`` maps 1-D int32 ids to ``[len(ids), d_model]`` rows with
+    the ``"clip"`` semantics (a backend kernel, or a sharded lookup). Validation, the
+    ``"error"`` check and the ``"fill"`` rows happen here, once, for every caller, so
+    no backend or layout can drift from the others.
+    """
+    check_mode(mode)
+    vocab_size, d_model = table.shape
+    ids = to_int32(token_ids)
+    if mode == "error":
+        check_in_vocab(ids, vocab_size)
+    rows = gather_rows(table, ids.reshape(-1)).reshape(*ids.shape, d_model)
+    if mode == "fill":
+        rows = apply_fill(rows, ids, vocab_size, fill_value)
+    return rows

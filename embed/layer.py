@@ -93,6 +93,13 @@ class MyEmbed(nnx.Module):
             fill_value=self.fill_value,
             deterministic=self.deterministic,
         )
+        return self._finish(rows)
+
+    def _finish(self, rows: jax.Array) -> jax.Array:
+        """Looked-up rows in the output ``dtype``, scaled if ``scale_by_sqrt_d``.
+
+        Shared with ``embed.sharding.apply_sharded``, the same call on a mesh.
+        """
         rows = rows if self.dtype is None else rows.astype(self.dtype)
         return rows * jnp.sqrt(self.d_model).astype(rows.dtype) if self.scale_by_sqrt_d else rows
 

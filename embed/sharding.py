@@ -21,7 +21,8 @@ once, on the global ids, before anything is split: ``embed.ids`` validates the i
 raises for ``mode="error"``; ``kernels.reference.wrap_and_clamp`` wraps negative ids
 once and clamps, so the row read for an out-of-range id (row 0 or ``V - 1``) is owned by
 exactly one shard; ``in_vocab`` marks the ids that receive gradient; and
-``embed.ids.apply_fill`` writes ``fill_value`` last. The table gradient is written out
+``embed.ids.lookup_with_policy`` applies the mode around the sharded gather, as it
+does around every unsharded backend. The table gradient is written out
 (a ``custom_vjp`` around the ``shard_map``): each shard runs its kernel's own backward
 on its block of the cotangent, so ``"vocab"`` and ``"model"`` gradients are the
 unsharded ones bit for bit.
@@ -317,13 +318,8 @@ def sharded_lookup(
     """
     _check_axes(mesh, layout, axis_name, batch_axis, reduce_scatter)
     dispatch.check_backend(backend)
-    ids_lib.check_mode(mode)
     if table.ndim != 2:
         raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
-    vocab_size, d_model = table.shape
-    ids = ids_lib.to_int32(token_ids)
-    if mode == "error":
-        ids_lib.check_in_vocab(ids, vocab_size)
     plan = _Plan(
         mesh=mesh,
         layout=layout,
@@ -334,10 +330,10 @@ def sharded_lookup(
         reduce_scatter=reduce_scatter,
         gather_output=gather_output,
     )
-    rows = _sharded_rows(table, ids.reshape(-1), plan=plan).reshape(*ids.shape, d_model)
-    if mode == "fill":
-        rows = ids_lib.apply_fill(rows, ids, vocab_size, fill_value)
-    return rows
+    gather_rows = functools.partial(_sharded_rows, plan=plan)
+    return ids_lib.lookup_with_policy(
+        table, token_ids, gather_rows, mode=mode, fill_value=fill_value
+    )
 
 
 # --- MyEmbed on a mesh -----------------------------------------------------------------
@@ -415,10 +411,7 @@ def apply_sharded(
         fill_value=module.fill_value,
         deterministic=module.deterministic,
     )
-    rows = rows if module.dtype is None else rows.astype(module.dtype)
-    if module.scale_by_sqrt_d:
-        rows = rows * jnp.sqrt(module.d_model).astype(rows.dtype)
-    return rows
+    return module._finish(rows)  # The layer's own output dtype and scaling.
 
 
 # --- What the benchmark times ----------------------------------------------------------
