@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.reference import check_dtype, in_vocab, wrap_and_clamp
+from kernels.reference import check_dtype, gradient_rows, in_vocab, wrap_and_clamp
 
 # Bytes of table data one program moves: enough to hide latency, small enough to keep
 # many programs in flight for short sequences.
@@ -60,6 +60,18 @@ def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a positive power of two")
     return block_t, block_d
+
+
+def _check_backward_operands(grad_out: jax.Array, ids: jax.Array) -> tuple[int, int]:
+    num_tokens, d_model = grad_out.shape
+    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
+        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
+    return num_tokens, d_model
+
+
+def _pad_columns(x: jax.Array, block_d: int) -> jax.Array:
+    """``x`` with zero columns up to a whole number of ``block_d`` blocks."""
+    return jnp.pad(x, ((0, 0), (0, -x.shape[1] % block_d)))
 
 
 def _gather_kernel(
@@ -165,17 +177,14 @@ def scatter_add(
     Ids outside ``[-V, V)`` add nothing, as in ``jax.grad`` of ``table[ids]``. The
     order of float additions for repeated ids is not fixed.
     """
-    (num_tokens, d_model) = grad_out.shape
-    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
-        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
+    num_tokens, d_model = _check_backward_operands(grad_out, ids)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
     block_t, block_d = _resolve_blocks(
         num_tokens, d_model, grad_out.dtype.itemsize, block_t, block_d
     )
-    # Columns are padded to whole blocks so every atomic is an unmasked row slice.
-    padded_d = pl.cdiv(d_model, block_d) * block_d
-    grad_out = jnp.pad(grad_out, ((0, 0), (0, padded_d - d_model)))
+    grad_out = _pad_columns(grad_out, block_d)  # Every atomic: an unmasked row slice.
+    padded_d = grad_out.shape[1]
     kernel = functools.partial(_scatter_add_kernel, num_tokens=num_tokens, vocab_size=vocab_size)
     grad = pl.pallas_call(
         kernel,
@@ -247,24 +256,21 @@ def segment_sum(
     ids are all equal is one program summing ``num_tokens`` rows one after another, where
     ``scatter_add`` spreads them over many programs. Use it for reproducibility, not speed.
     """
-    (num_tokens, d_model) = grad_out.shape
-    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
-        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
+    num_tokens, d_model = _check_backward_operands(grad_out, ids)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
     _, block_d = _resolve_blocks(num_tokens, d_model, grad_out.dtype.itemsize, 1, block_d)
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"{block_v=} must be a positive power of two")
-    rows = jnp.where(in_vocab(ids, vocab_size), wrap_and_clamp(ids, vocab_size), vocab_size)
+    rows = gradient_rows(ids, vocab_size)
     order = jnp.argsort(rows, stable=True).astype(jnp.int32)
     # bounds[r] = first sorted position of row r; rows past V (the last block's padding)
     # get the empty segment [live, live), and the sentinel's tokens are never read.
     num_row_blocks = pl.cdiv(vocab_size, block_v)
     row_starts = jnp.arange(num_row_blocks * block_v + 1, dtype=jnp.int32)
     bounds = jnp.searchsorted(rows[order], row_starts).astype(jnp.int32)
-    # Columns are padded to whole blocks so every load is an unmasked row slice.
-    padded_d = pl.cdiv(d_model, block_d) * block_d
-    grad_out = jnp.pad(grad_out, ((0, 0), (0, padded_d - d_model)))
+    grad_out = _pad_columns(grad_out, block_d)  # Every load: an unmasked row slice.
+    padded_d = grad_out.shape[1]
     grad = pl.pallas_call(
         _segment_sum_kernel,
         grid=(num_row_blocks, padded_d // block_d),

@@ -38,6 +38,11 @@ def in_vocab(ids: jax.Array, vocab_size: int) -> jax.Array:
     return (ids >= -vocab_size) & (ids < vocab_size)
 
 
+def gradient_rows(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """The row each id's gradient adds into; ``vocab_size`` (past the table) for none."""
+    return jnp.where(in_vocab(ids, vocab_size), wrap_and_clamp(ids, vocab_size), vocab_size)
+
+
 def gather_reference(
     table: jax.Array,  # [vocab_size, d_model]
     ids: jax.Array,  # [num_tokens] int32
@@ -55,6 +60,6 @@ def gather_grad_reference(
 
     Equal to ``jax.grad`` of ``table[ids]`` (up to summation order for repeated ids).
     """
-    rows = jnp.where(in_vocab(ids, vocab_size), wrap_and_clamp(ids, vocab_size), vocab_size)
+    rows = gradient_rows(ids, vocab_size)
     grad = jnp.zeros((vocab_size, grad_out.shape[-1]), jnp.float32)
     return grad.at[rows].add(grad_out.astype(jnp.float32), mode="drop")

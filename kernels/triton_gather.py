@@ -145,10 +145,6 @@ def _scatter_add_kernel(
 # Launch configuration.
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
 def _vector_width(d_model: int, itemsize: int) -> int:
     """Largest power of two dividing ``d_model`` with ``vec * itemsize <= 16`` bytes."""
     vec = _VECTOR_BYTES // itemsize
@@ -167,7 +163,7 @@ def _block_sizes(d_model: int, itemsize: int) -> tuple[int, int]:
     as many tokens as fill a 16 KiB tile, at most 512.
     """
     cap = _MAX_BLOCK_D_BYTES // itemsize
-    block_d = min(_next_power_of_2(d_model), cap)
+    block_d = min(triton.next_power_of_2(max(d_model, 1)), cap)
     divisor = block_d
     while divisor > 1 and d_model % divisor:
         divisor //= 2
