@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -333,8 +334,27 @@ def _same_bits(a, b) -> bool:
     )
 
 
+def _call(fn: Callable, args: tuple):
+    return jax.block_until_ready(fn(*args))
+
+
 def _run(case: Case):
-    return jax.block_until_ready(case.fn(*case.args))
+    return _call(case.fn, case.args)
+
+
+def _timed_rounds(calls: Sequence[Callable], rounds: int, rng) -> list[list[float]]:
+    """Seconds of each call in each round, the calls taking turns in a fresh random order.
+
+    Interleaving makes drift on a shared machine, and the cold caches after a slow call,
+    hit every call alike, so ratios between them taken within one run hold.
+    """
+    times = [[] for _ in calls]
+    for _ in range(rounds):
+        for i in rng.permutation(len(calls)):
+            start = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
 
 
 def measure_shape(
@@ -369,22 +389,12 @@ def measure_shape(
     live = [c for c in live if c.fn is not None]
     timed = [c for c in live if in_comparison(c.provider, platform)]
     slow = [c for c in live if not in_comparison(c.provider, platform)]
-    for _ in range(warmup):
-        for case in live:
-            _run(case)
-    # Providers take turns in a fresh random order each round: drift on a shared machine
-    # and the cold caches after a slow provider then hit every provider alike.
-    order = np.random.default_rng(0)
-    for _ in range(repeats):
-        for case in order.permutation(np.asarray(timed, dtype=object)):
-            start = time.perf_counter()
-            _run(case)
-            case.times.append(time.perf_counter() - start)
-    for _ in range(interpret_repeats):
-        for case in slow:
-            start = time.perf_counter()
-            _run(case)
-            case.times.append(time.perf_counter() - start)
+    rng = np.random.default_rng(0)
+    _timed_rounds([functools.partial(_run, c) for c in live], warmup, rng)  # Warm-up.
+    for group, rounds in ((timed, repeats), (slow, interpret_repeats)):
+        calls = [functools.partial(_run, c) for c in group]
+        for case, times in zip(group, _timed_rounds(calls, rounds, rng), strict=True):
+            case.times.extend(times)
     return cases
 
 
@@ -396,6 +406,12 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = ""
     return out
+
+
+def _percentiles(times: Sequence[float]) -> tuple[float, float, float]:
+    """``(median, p20, p80)`` of ``times`` (seconds), in milliseconds."""
+    p20, median, p80 = np.percentile(np.asarray(times) * 1e3, [20, 50, 80])
+    return float(median), float(p20), float(p80)
 
 
 def rows_for_shape(shape: Shape, cases: list[Case], platform: str, meta: dict) -> list[dict]:
@@ -428,12 +444,12 @@ def rows_for_shape(shape: Shape, cases: list[Case], platform: str, meta: dict) -
         )
         row["pass"] = case.pass_
         if case.times:
-            median = float(np.median(case.times))
+            median_ms, p20_ms, p80_ms = _percentiles(case.times)
             row.update(
-                median_ms=median * 1e3,
-                p20_ms=float(np.percentile(case.times, 20)) * 1e3,
-                p80_ms=float(np.percentile(case.times, 80)) * 1e3,
-                gbps=nbytes / median / 1e9,
+                median_ms=median_ms,
+                p20_ms=p20_ms,
+                p80_ms=p80_ms,
+                gbps=nbytes / median_ms / 1e6,
             )
         rows.append(row)
     medians = {(r["provider"], r["pass"]): r["median_ms"] for r in rows}
@@ -643,11 +659,6 @@ def shapes_from_args(args: argparse.Namespace) -> list[Shape]:
     return list(dict.fromkeys(grid))
 
 
-def _percentiles(times: Sequence[float]) -> tuple[float, float, float]:
-    p20, median, p80 = np.percentile(np.asarray(times) * 1e3, [20, 50, 80])
-    return float(median), float(p20), float(p80)
-
-
 def sharded_report(shapes: Sequence[Shape], num_devices: int, args) -> str:
     """Times each mesh layout of ``embed.sharding`` against one device's ``xla`` lookup."""
     from embed import sharding
@@ -665,14 +676,10 @@ def sharded_report(shapes: Sequence[Shape], num_devices: int, args) -> str:
                 sharding.timing_case(layout, num_devices=num_devices, grad=grad, **common)
                 for layout in sharding.LAYOUTS
             ]
-            times = [[] for _ in cases]
-            for (fn, fn_args, _), _ in itertools.product(cases, range(args.warmup)):
-                jax.block_until_ready(fn(*fn_args))
-            for _ in range(args.repeats):
-                for (fn, fn_args, _), out in zip(cases, times, strict=True):
-                    start = time.perf_counter()
-                    jax.block_until_ready(fn(*fn_args))
-                    out.append(time.perf_counter() - start)
+            calls = [functools.partial(_call, fn, fn_args) for fn, fn_args, _ in cases]
+            rng = np.random.default_rng(0)
+            _timed_rounds(calls, args.warmup, rng)  # Warm-up.
+            times = _timed_rounds(calls, args.repeats, rng)
             base = _percentiles(times[0])[0]
             pass_ = "fwd+bwd" if grad else "fwd"
             for (_, _, label), samples in zip(cases, times, strict=True):
