@@ -395,6 +395,33 @@ def _compile(fn, args, cfg, arch: int):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _compile_config(dtype, d_model, block_t, block_d, num_warps, num_stages):
+    dtype = check_dtype("dtype", dtype)
+    if d_model < 1:
+        raise ValueError(f"{d_model=} must be at least 1")
+    cfg = _config(
+        d_model,
+        dtype.itemsize,
+        block_t=block_t,
+        block_d=block_d,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return dtype, cfg
+
+
+def _gather_args(dtype, num_tokens: int, vocab_size: int, d_model_over_vec: int) -> list:
+    """``_gather_kernel``'s runtime arguments as ``gather`` passes them, for ``_compile``."""
+    return [
+        ("ids_ptr", jnp.int32),
+        ("table_ptr", dtype),
+        ("n_tokens", num_tokens),
+        ("vocab_size", vocab_size),
+        ("d_model_over_vec", d_model_over_vec),
+        ("out_ptr", dtype),
+    ]
+
+
 def compile_gather(
     *,
     arch: int,
@@ -413,25 +440,8 @@ def compile_gather(
     ``num_tokens`` and ``vocab_size`` only matter when 1 (then they become constexprs).
     Read the code from ``kernel.asm["ptx"]`` (also ``"ttir"``, ``"ttgir"``, ``"llir"``).
     """
-    dtype = check_dtype("dtype", dtype)
-    if d_model < 1:
-        raise ValueError(f"{d_model=} must be at least 1")
-    cfg = _config(
-        d_model,
-        dtype.itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    args = [
-        ("ids_ptr", jnp.int32),
-        ("table_ptr", dtype),
-        ("n_tokens", num_tokens),
-        ("vocab_size", vocab_size),
-        ("d_model_over_vec", d_model // cfg["VEC"]),
-        ("out_ptr", dtype),
-    ]
+    dtype, cfg = _compile_config(dtype, d_model, block_t, block_d, num_warps, num_stages)
+    args = _gather_args(dtype, num_tokens, vocab_size, d_model // cfg["VEC"])
     return _compile(_gather_kernel, args, cfg, arch)
 
 
@@ -450,17 +460,7 @@ def compile_scatter_add(
 
     ``dtype`` is the output gradient's; the accumulator is float32.
     """
-    dtype = check_dtype("dtype", dtype)
-    if d_model < 1:
-        raise ValueError(f"{d_model=} must be at least 1")
-    cfg = _config(
-        d_model,
-        dtype.itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=None,
-    )
+    dtype, cfg = _compile_config(dtype, d_model, block_t, block_d, num_warps, None)
     args = [
         ("grad_ptr", dtype),
         ("ids_ptr", jnp.int32),

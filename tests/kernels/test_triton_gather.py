@@ -334,14 +334,7 @@ def test_gather_ptx_without_vec_fact_is_scalar(arch):
     fact, VEC=1) compiles to scalar accesses."""
     cfg = tg._config(768, 4, block_t=None, block_d=None, num_warps=None, num_stages=None)
     cfg["VEC"] = 1
-    args = [
-        ("ids_ptr", jnp.int32),
-        ("table_ptr", jnp.float32),
-        ("n_tokens", 4096),
-        ("vocab_size", 32000),
-        ("d_model_over_vec", 768),
-        ("out_ptr", jnp.float32),
-    ]
+    args = tg._gather_args(jnp.float32, 4096, 32000, 768)
     ptx = tg._compile(tg._gather_kernel, args, cfg, arch).asm["ptx"]
     assert set(_accesses(ptx, "st")) == {"st.global.b32"}
 
@@ -350,14 +343,7 @@ def test_gather_ptx_without_vec_fact_is_scalar(arch):
 def test_64_bit_check_catches_32_bit_offsets(arch):
     """Negative control: the same kernel with 32-bit offsets fails the 64-bit check."""
     cfg = tg._config(768, 4, block_t=None, block_d=None, num_warps=None, num_stages=None)
-    args = [
-        ("ids_ptr", jnp.int32),
-        ("table_ptr", jnp.float32),
-        ("n_tokens", 4096),
-        ("vocab_size", 32000),
-        ("d_model_over_vec", 768 // cfg["VEC"]),
-        ("out_ptr", jnp.float32),
-    ]
+    args = tg._gather_args(jnp.float32, 4096, 32000, 768 // cfg["VEC"])
     ptx = tg._compile(_gather_kernel_32_bit_offsets, args, cfg, arch).asm["ptx"]
     with pytest.raises(AssertionError, match="32-bit row-offset arithmetic"):
         _assert_row_offsets_are_64_bit(ptx)
