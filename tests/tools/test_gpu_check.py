@@ -287,3 +287,169 @@ def test_gpu_wheels_checks_requirements_against_the_image(tmp_path):
     assert any("needs jax>=0.12; the image has jax 0.11.2" in p for p in problems), problems
     assert any("needs somethingelse: not in the image" in p for p in problems), problems
     assert any("the image has jaxlib already" in p for p in problems), problems
+
+
+# --- The GPU form of the steps, on this CPU, against stand-ins ---------------------------
+# A GPU run cannot happen here, so its parsing and its pass/fail rules are checked with a
+# stand-in repo (gpu-marked tests without the GPU skip), a stand-in compute-sanitizer and
+# a stand-in benchmark that writes given rows.
+
+_GPU_TESTS = "import pytest\n\npytestmark = pytest.mark.gpu\n\n" + "".join(
+    f"\ndef {name}():\n    pass\n"
+    for name in (
+        "test_forward_is_bit_identical_to_xla",
+        "test_gradient_matches_float32_reference",
+        "test_layer_under_nnx_jit",
+        "test_out_of_range_modes",
+        "test_gpu_large_table_forward",
+    )
+)
+
+_FAKE_SANITIZER = """#!/bin/sh
+if [ "$1" = "--help" ]; then echo "  --report-api-errors arg   --print-limit arg"; exit 0; fi
+echo "args: $*"
+while [ "${1#--}" != "$1" ]; do shift 2; done  # The options: pairs.
+"$@"
+code=$?
+echo "========= ERROR SUMMARY: ${FAKE_ERRORS:-0} errors"
+exit $code
+"""
+
+
+def _gpu_env(tmp_path: Path, **extra) -> dict:
+    tools = tmp_path / "bin"
+    tools.mkdir(exist_ok=True)
+    sanitizer = tools / "compute-sanitizer"
+    sanitizer.write_text(_FAKE_SANITIZER)
+    sanitizer.chmod(0o755)
+    return {**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def _run_env(env, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(GPU_CHECK), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize(("errors", "code"), [(0, 0), (3, 1)])
+def test_gpu_form_of_tests_and_sanitizer(tmp_path, errors, code):
+    repo = _fake_repo(tmp_path, _GPU_TESTS)
+    out = tmp_path / "out"
+    env = _gpu_env(tmp_path, FAKE_ERRORS=str(errors))
+    proc = _run_env(env, "--out", out, "--repo", repo, "--steps", "tests,sanitizer,summary")
+    assert proc.returncode == code, _output(proc)
+    summary = (out / "summary.md").read_text()
+    assert '- Tests (`python -m pytest tests -m "gpu or large"`): **PASS**, 5 passed' in summary
+    assert "nnx.jit (1 of 1 passed)" in summary
+    assert "--report-api-errors no" in summary  # Offered by this compute-sanitizer.
+    result = "PASS" if errors == 0 else "FAIL"
+    # Two tests selected: test_out_of_range_modes and test_gpu_large_table_forward.
+    assert f"**{result}**, {errors} errors; tests 2 passed" in summary
+    if errors:
+        assert "FAIL: memcheck found 3 errors" in summary
+
+
+def test_gpu_form_fails_when_gpu_tests_skip(tmp_path):
+    repo = _fake_repo(
+        tmp_path,
+        _GPU_TESTS + "\n\n@pytest.mark.skip(reason='no GPU here')\ndef test_other():\n    pass\n",
+    )
+    out = tmp_path / "out"
+    proc = _run_env(_gpu_env(tmp_path), "--out", out, "--repo", repo, "--steps", "tests,summary")
+    assert proc.returncode == 1, _output(proc)
+    assert "FAIL: 1 gpu tests skipped on a GPU: {'no GPU here': 1}" in proc.stdout
+
+
+def _fake_benchmark(repo: Path, rows: list[dict]) -> None:
+    (repo / "rows.json").write_text(json.dumps(rows))
+    (repo / "tools" / "benchmark.py").write_text(
+        "import json, shutil, sys\n"
+        "args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
+        "shutil.copy('rows.json', args['--json'])\n"
+        "open(args['--csv'], 'w').write('provider\\n')\n"
+        "open(args['--plot'], 'wb').write(b'\\x89PNG\\r\\n\\x1a\\n')\n"
+        'print(\'"auto" on gpu lowers to backend "pallas" (embed.backend_for)\')\n'
+        "print('  B=1 T=8 D=4 V=16 float32 uniform: auto -> pallas (fastest measured)')\n"
+    )
+
+
+def _row(provider, pass_, median, *, d_model=4, vs_xla=None, vs_copy=None, **kw):
+    row = dict(
+        provider=provider,
+        label=provider,
+        pass_=pass_,
+        num_tokens=8,
+        d_model=d_model,
+        vocab_size=16,
+        dtype="float32",
+        ids="uniform",
+        status="ok",
+        reason="",
+        in_comparison=True,
+        matches_xla=True if pass_ == "fwd" else None,
+        median_ms=median,
+        gbps=1.0,
+        vs_xla=vs_xla,
+        vs_copy=vs_copy,
+    )
+    row.update(kw)
+    row["pass"] = row.pop("pass_")
+    return row
+
+
+def test_gpu_form_of_the_benchmark_summary(tmp_path):
+    rows = []
+    for d, (p_xla, p_copy) in {4: (0.5, 0.9), 8: (2.0, 0.4)}.items():
+        for pass_ in ("fwd", "bwd"):
+            rows += [
+                _row("xla", pass_, 1.0, d_model=d, vs_xla=1.0, vs_copy=0.5),
+                _row("pallas", pass_, p_xla, d_model=d, vs_xla=p_xla, vs_copy=p_copy),
+                _row("copy", pass_, 0.5, d_model=d, vs_copy=1.0, matches_xla=None),
+            ]
+    budget = dict(status="skipped", reason="time budget: --max-seconds 9 reached")
+    rows += [
+        _row(p, q, None, d_model=16, matches_xla=None, **budget)
+        for p in ("xla", "pallas", "copy")
+        for q in ("fwd", "bwd")
+    ]
+    repo = _fake_repo(tmp_path, "")
+    _fake_benchmark(repo, rows)
+    out = tmp_path / "out"
+    proc = _run_env(
+        _gpu_env(tmp_path), "--out", out, "--repo", repo, "--steps", "benchmark,summary"
+    )
+    assert proc.returncode == 0, _output(proc)
+    assert "--grid=gpu" in proc.stdout and "--max-seconds=" in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("## GPU figures:")
+    # pallas: vs xla 0.5 and 2.0 (geomean 1.0), vs copy 0.9 and 0.4 (geomean 0.6).
+    assert "| pallas | fwd | 2 | 1.00 [0.50, 2.00] | 0.60 [0.40, 0.90] | 2 of 2 shapes |" in summary
+    assert "| pallas | bwd | 2 | 1.00 [0.50, 2.00] | 0.60 [0.40, 0.90] | - |" in summary
+    assert "auto -> pallas" in summary
+    assert "2 of 3 shapes measured" in proc.stdout
+    assert "1 shapes left out by the time limit" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(matches_xla=False), "pallas is NOT bit-identical to xla"),
+        (
+            dict(status="skipped", reason="failed: XlaRuntimeError", median_ms=None),
+            "pallas fwd did not run on T=8 D=4 V=16 float32 uniform: failed: XlaRuntimeError",
+        ),
+    ],
+)
+def test_gpu_form_of_the_benchmark_fails_on_a_wrong_or_missing_kernel(tmp_path, change, message):
+    rows = [
+        _row("xla", "fwd", 1.0, vs_xla=1.0, vs_copy=0.5),
+        _row("pallas", "fwd", 1.0, vs_xla=1.0, vs_copy=0.5, **change),
+        _row("copy", "fwd", 0.5, vs_copy=1.0, matches_xla=None),
+    ]
+    repo = _fake_repo(tmp_path, "")
+    _fake_benchmark(repo, rows)
+    out = tmp_path / "out"
+    proc = _run_env(
+        _gpu_env(tmp_path), "--out", out, "--repo", repo, "--steps", "benchmark,summary"
+    )
+    assert proc.returncode == 1, _output(proc)
+    assert message in proc.stdout
