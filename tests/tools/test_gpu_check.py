@@ -99,10 +99,10 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     assert re.search(r"- Versions: jax \d", summary)
 
     tests = re.search(
-        r"- Tests \(`python -m pytest tests -m \"gpu\"`\): \*\*PASS\*\*, (.*)", summary
+        r"- Tests \(`python -m pytest tests( examples)? -m \"gpu\"`\): \*\*PASS\*\*, (.*)", summary
     )
     assert tests, summary
-    passed, failed, skipped = map(int, re.findall(r"(\d+) \w+", tests.group(1))[:3])
+    passed, failed, skipped = map(int, re.findall(r"(\d+) \w+", tests.group(2))[:3])
     assert (passed, failed) == (0, 0) and skipped > 0  # No GPU: every gpu test skips.
     cover = re.search(r"- The gpu tests cover: (.*)", summary).group(1)
     for what in gpu_check.REQUIRED_TESTS:
