@@ -2,6 +2,6 @@
 
 from embed.dispatch import BACKENDS, backend_for, lookup
 from embed.ids import MODES
-from embed.layer import MyEmbed, embed_forward
+from embed.layer import Embed, MyEmbed, embed_forward
 
-__all__ = ["BACKENDS", "MODES", "MyEmbed", "backend_for", "embed_forward", "lookup"]
+__all__ = ["BACKENDS", "MODES", "Embed", "MyEmbed", "backend_for", "embed_forward", "lookup"]

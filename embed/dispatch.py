@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from embed import ids as ids_lib
-from kernels import pallas_gather
+from kernels import pallas_gather, reference
 
 BACKENDS = ("auto", "xla", "pallas", "triton")
 
@@ -44,7 +44,8 @@ def backend_for(backend: str, platform: str | None = None) -> str:
 
 
 def _xla(table, ids):
-    return table[ids]
+    # table[ids], with the table gradient accumulated in float32 as the kernels do it.
+    return reference.lookup(table, ids)
 
 
 def _pallas(table, ids, *, deterministic, interpret=False):
@@ -65,9 +66,12 @@ def gather(
 ) -> jax.Array:
     """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform.
 
-    ``deterministic=True`` makes the kernels' backward sort-based and bit-reproducible
-    (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it: XLA's own scatter
-    determinism is governed by XLA flags (``--xla_gpu_deterministic_ops``).
+    Every backend accumulates the table gradient in float32 and rounds it once to the
+    table's dtype, ``"xla"`` included (``kernels.reference.lookup``), so backends agree
+    at 16 bits too. ``deterministic=True`` makes the kernels' backward sort-based and
+    bit-reproducible (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it:
+    XLA's own scatter determinism is governed by XLA flags
+    (``--xla_gpu_deterministic_ops``).
     """
     check_backend(backend)
     if backend == "xla":
