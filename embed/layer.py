@@ -126,9 +126,11 @@ class _Embedding(nnx.Module):
     def _finish(self, rows: jax.Array) -> jax.Array:
         """Looked-up rows in the output ``dtype``, scaled if ``scale_by_sqrt_d``.
 
-        Shared with ``embed.sharding.apply_sharded``, the same call on a mesh.
+        Shared with ``embed.sharding.apply_sharded``, the same call on a mesh. A custom
+        ``promote_dtype`` has set the dtype already (``_promoted``), as in ``nnx.Embed``.
         """
-        rows = rows.astype(self.dtype)
+        if self.promote_dtype is flax_dtypes.promote_dtype:
+            rows = rows.astype(self.dtype)
         return rows * jnp.sqrt(self.features).astype(rows.dtype) if self.scale_by_sqrt_d else rows
 
     def attend(self, query: jax.Array, out_sharding=None, *, precision=None) -> jax.Array:
