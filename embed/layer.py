@@ -23,7 +23,7 @@ from flax.nnx.nn import dtypes as flax_dtypes
 from flax.nnx.nn.linear import default_embed_init
 
 from embed import dispatch, ids
-from kernels.reference import check_dtype
+from kernels.reference import SUPPORTED_DTYPES, check_dtype
 
 # Metadata keys under which Flax records a variable's partitioning (``out_sharding``
 # since Flax 0.11; the older names are still read by ``nnx.get_partition_spec``).
@@ -113,13 +113,19 @@ class _Embedding(nnx.Module):
         return self._finish(rows)
 
     def _promoted(self, table: jax.Array) -> jax.Array:
-        """The table a custom ``promote_dtype`` makes, as ``nnx.Embed`` gathers from.
+        """The table the lookup gathers from: ``promote_dtype``'s, as in ``nnx.Embed``.
 
-        Flax's default promotion is a cast to ``dtype``; it is applied to the gathered
-        rows instead (``_finish``), the same values without casting the whole table.
+        Flax's default promotion is a cast to ``dtype``. To a narrower ``dtype`` it is
+        applied to the gathered rows instead (``_finish``): the same values without
+        casting the whole table, and a gradient accumulated in float32 where
+        ``nnx.Embed`` scatters in 16 bits. To a wider one (a 16-bit table, float32
+        ``dtype``) the table is cast first, as ``nnx.Embed`` does, so the float32
+        cotangents are summed unrounded and the sum is rounded once, by the cast.
         """
         if self.promote_dtype is flax_dtypes.promote_dtype:
-            return table
+            dtype = jnp.dtype(self.dtype)
+            wider = dtype.itemsize > table.dtype.itemsize and dtype in SUPPORTED_DTYPES
+            return table.astype(dtype) if wider else table
         (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
         return table
 

@@ -241,6 +241,22 @@ def test_16_bit_gradients_agree_across_backends_for_repeated_ids(dtype):
     assert flax_errors.max() > 2, flax_errors.max()
 
 
+@pytest.mark.parametrize("param_dtype", grid.DTYPES[1:], ids=_name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_16_bit_table_with_float32_dtype_rounds_its_gradient_once(backend, param_dtype):
+    # float32 cotangents of a 16-bit table: summed unrounded, then rounded once, as
+    # nnx.Embed does by casting its table to dtype first.
+    vocab_size = 50
+    ids = _repeated_ids(vocab_size)
+    cotangent = jax.random.normal(jax.random.key(1), (*ids.shape, FEATURES_GRAD), jnp.float32)
+    kwargs = dict(dtype=jnp.float32, param_dtype=param_dtype)
+    ours, flax = _pair(vocab_size, FEATURES_GRAD, backend=backend, **kwargs)
+    grad = _grad(ours, ids, cotangent)
+    assert grad.dtype == param_dtype
+    assert gradient_errors(grad, ids, cotangent, vocab_size).max() <= 0.51
+    assert gradient_errors(_grad(flax, ids, cotangent), ids, cotangent, vocab_size).max() <= 0.51
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_gradient_matches_nnx_embed(backend):
     ours, flax = _pair(50, FEATURES_GRAD, backend=backend)
