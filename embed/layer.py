@@ -54,7 +54,7 @@ class _Embedding(nnx.Module):
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
         self.features = _positive_int("features", features)
         _check_table(self.num_embeddings, self.features, param_dtype)
-        self.backend = dispatch.check_backend(backend)
+        self.backend = dispatch.check_backend_usable(backend)
         self.mode = ids.check_mode(mode)
         if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise TypeError(f"dtype={jnp.dtype(dtype)!r} must be a floating dtype")
