@@ -265,3 +265,14 @@ def test_float32_gradient_matches_nnx_embed(backend):
     np.testing.assert_allclose(
         _grad(ours, ids, cotangent), _grad(flax, ids, cotangent), rtol=1e-5, atol=1e-5
     )
+
+
+def test_bad_arguments_are_named_in_flax_terms():
+    with pytest.raises(ValueError, match=r"num_embeddings=0 must be a positive integer"):
+        Embed(0, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"features=2.5 must be a positive integer"):
+        Embed(7, 2.5, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"param_dtype=dtype\('int32'\) must be one of"):
+        Embed(7, 3, param_dtype=jnp.int32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"mode='wrap' must be one of"):
+        Embed(7, 3, mode="wrap", rngs=nnx.Rngs(0))
