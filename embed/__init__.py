@@ -2,12 +2,13 @@
 
 from embed.dispatch import BACKENDS, backend_for, backend_problem, lookup
 from embed.ids import MODES
-from embed.layer import MyEmbed, embed_forward
+from embed.layer import Embed, MyEmbed, embed_forward
 from kernels.compat import abstract_gpu
 
 __all__ = [
     "BACKENDS",
     "MODES",
+    "Embed",
     "MyEmbed",
     "abstract_gpu",
     "backend_for",

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from embed import ids as ids_lib
-from kernels import compat, pallas_gather
+from kernels import compat, pallas_gather, reference
 
 BACKENDS = ("auto", "xla", "pallas", "triton")
 
@@ -86,7 +86,8 @@ def _auto_kernel() -> str:
 
 
 def _xla(table, ids):
-    return table[ids]
+    # table[ids], with the table gradient accumulated in float32 as the kernels do it.
+    return reference.lookup(table, ids)
 
 
 def _pallas(table, ids, *, deterministic, interpret=False):
@@ -107,9 +108,12 @@ def gather(
 ) -> jax.Array:
     """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform.
 
-    ``deterministic=True`` makes the kernels' backward sort-based and bit-reproducible
-    (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it: XLA's own scatter
-    determinism is governed by XLA flags (``--xla_gpu_deterministic_ops``).
+    Every backend accumulates the table gradient in float32 and rounds it once to the
+    table's dtype, ``"xla"`` included (``kernels.reference.lookup``), so backends agree
+    at 16 bits too. ``deterministic=True`` makes the kernels' backward sort-based and
+    bit-reproducible (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it:
+    XLA's own scatter determinism is governed by XLA flags
+    (``--xla_gpu_deterministic_ops``).
     """
     check_backend(backend)
     kernel = _auto_kernel() if backend == "auto" else backend

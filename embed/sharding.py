@@ -398,7 +398,7 @@ def apply_sharded(
     (1, 2, 4)
     """
     rows = sharded_lookup(
-        module.embedding[...],
+        module._promoted(module.embedding[...]),
         token_ids,
         mesh=mesh,
         layout=layout,

@@ -63,3 +63,32 @@ def gather_grad_reference(
     rows = gradient_rows(ids, vocab_size)
     grad = jnp.zeros((vocab_size, grad_out.shape[-1]), jnp.float32)
     return grad.at[rows].add(grad_out.astype(jnp.float32), mode="drop")
+
+
+@jax.custom_vjp
+def lookup(
+    table: jax.Array,  # [vocab_size, d_model]
+    ids: jax.Array,  # [num_tokens] int32
+) -> jax.Array:  # [num_tokens, d_model]
+    """The ``"xla"`` backend: ``gather_reference``, with ``gather_grad_reference`` as its VJP.
+
+    The forward is ``table[ids]``, bit for bit. The table gradient is accumulated in
+    float32 and rounded once to the table's dtype, as every kernel's is; ``jax.grad``
+    of ``table[ids]`` would scatter-add in the table's dtype, which for a 16-bit table
+    rounds after every repeated id and makes the backends disagree.
+    """
+    return gather_reference(table, ids)
+
+
+def _lookup_fwd(table, ids):
+    # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
+    return gather_reference(table, ids), (ids, table[:, :0])
+
+
+def _lookup_bwd(residuals, grad_out):
+    ids, table_like = residuals
+    grad = gather_grad_reference(grad_out, ids, table_like.shape[0])
+    return grad.astype(table_like.dtype), None
+
+
+lookup.defvjp(_lookup_fwd, _lookup_bwd)

@@ -12,6 +12,9 @@ DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 VOCAB_SIZES = (1, 7, 50257)
 D_MODELS = (1, 3, 64, 129, 768)
 NUM_TOKENS = (0, 1, 7, 129, 1000)
+# flax.nnx.Embed's own axes: its output ``dtype`` (None: the table's), and id dtypes.
+OUTPUT_DTYPES = (None, *DTYPES)
+ID_DTYPES = (jnp.int16, jnp.int32, jnp.uint8)
 
 INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
@@ -23,6 +26,13 @@ def edge_ids(vocab_size: int) -> list[int]:
     """Ids at and past every boundary of the clip semantics."""
     v = vocab_size
     return [0, v - 1, -1, -v, v, -v - 1, INT32_MIN, INT32_MAX]
+
+
+def edge_ids_as(vocab_size: int, dtype) -> np.ndarray:
+    """``edge_ids`` and the ids just past the int16 and uint8 ranges, saturated to ``dtype``."""
+    ids = edge_ids(vocab_size) + [255, 256, -32768, 32767, 1, vocab_size // 2]
+    info = np.iinfo(dtype)
+    return np.clip(np.asarray(ids, np.int64), info.min, info.max).astype(dtype)
 
 
 def make_ids(vocab_size: int, num_tokens: int, seed: int = 0) -> np.ndarray:

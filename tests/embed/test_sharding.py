@@ -24,7 +24,7 @@ from jax.experimental import checkify
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from embed import MyEmbed, lookup, sharding
+from embed import Embed, MyEmbed, lookup, sharding
 from kernels.reference import gather_grad_reference
 from tests import grid
 
@@ -298,6 +298,88 @@ def test_shard_module_places_the_table(layout):
     )
     expected = {"vocab": P("x", None), "model": P(None, "x"), "data": P(None, None)}[layout]
     assert layer.embedding[...].sharding.is_equivalent_to(NamedSharding(mesh, expected), 2)
+
+
+# --- embed.Embed partitioned the flax way ----------------------------------------------
+
+
+def _flax_pair(backend, **kwargs):
+    ours = Embed(64, 16, rngs=nnx.Rngs(0), backend=backend, **kwargs)
+    return ours, nnx.Embed(64, 16, rngs=nnx.Rngs(0), **kwargs)
+
+
+@needs_devices
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("axes", [("x", None), (None, "x")], ids=str)
+@pytest.mark.parametrize("how", ["with_partitioning", "embedding_metadata"])
+def test_embed_table_is_placed_as_the_user_asks(how, axes, backend):
+    init = nnx.initializers.normal(0.02)
+    kwargs = (
+        {"embedding_init": nnx.with_partitioning(init, axes)}
+        if how == "with_partitioning"
+        else {"embedding_init": init, "embedding_metadata": {"out_sharding": axes}}
+    )
+    mesh = _mesh()
+    ids = jnp.asarray(grid.make_ids(64, 32).reshape(8, 4))
+    with jax.set_mesh(mesh):
+        ours, flax = _flax_pair(backend, **kwargs)
+        spec = nnx.get_partition_spec(nnx.state(ours))["embedding"].get_value()
+        assert spec == P(*axes)
+        # Placed at construction, as flax places its own (eager sharding).
+        table = ours.embedding[...]
+        assert table.sharding.is_equivalent_to(NamedSharding(mesh, P(*axes)), 2)
+        grid.assert_bits_equal(table, flax.embedding[...])
+        out = nnx.jit(lambda m, i: m(i))(ours, ids)
+        grid.assert_bits_equal(out, nnx.jit(lambda m, i: m(i))(flax, ids))
+
+        def loss(m):
+            return jnp.sum(m.attend(m(ids)) ** 2)
+
+        grad = nnx.jit(nnx.grad(loss))(ours).embedding[...]
+        expected = nnx.jit(nnx.grad(loss))(flax).embedding[...]
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+class _FrameworkModel(nnx.Module):
+    """A model that partitions its own layers with mesh axis names and not its embedding."""
+
+    def __init__(self, embed_cls, rngs):
+        self.embed = embed_cls(num_embeddings=64, features=16, rngs=rngs)
+        kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "x"))
+        self.proj = nnx.Linear(16, 16, kernel_init=kernel_init, rngs=rngs)
+
+
+@needs_devices
+@pytest.mark.parametrize("embed_cls", [Embed, nnx.Embed], ids=["Embed", "nnx.Embed"])
+def test_flax_sharding_recipe_runs_with_embed_as_with_nnx_embed(embed_cls):
+    # Our logical axes on Embed's table would name axes this mesh lacks and break the
+    # recipe; Embed adds none unless asked, as nnx.Embed.
+    @nnx.jit
+    def create():
+        model = _FrameworkModel(embed_cls, nnx.Rngs(0))
+        state = nnx.state(model)
+        nnx.update(model, jax.lax.with_sharding_constraint(state, nnx.get_partition_spec(state)))
+        return model
+
+    with jax.set_mesh(_mesh()):
+        model = create()
+    assert model.embed.embedding[...].sharding.is_fully_replicated
+    assert model.proj.kernel[...].sharding.spec == P(None, "x")
+
+
+@needs_devices
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_embed_out_sharding_on_an_explicit_mesh_as_nnx_embed(backend):
+    mesh = _mesh(axis_type=AxisType.Explicit)
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("x", None))
+    with jax.set_mesh(mesh):
+        ours, flax = _flax_pair(backend, embedding_init=init)
+        ids = jax.device_put(jnp.asarray(grid.make_ids(64, 32).reshape(8, 4)), P("x"))
+        spec = P("x", None, None)
+        out = nnx.jit(lambda m, i: m(i, out_sharding=spec))(ours, ids)
+        expected = nnx.jit(lambda m, i: m(i, out_sharding=spec))(flax, ids)
+    assert out.sharding.spec == spec
+    grid.assert_bits_equal(out, expected)
 
 
 # --- A jit-compiled training step, sharded ---------------------------------------------
