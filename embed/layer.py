@@ -85,23 +85,26 @@ class MyEmbed(nnx.Module):
         )
 
     def __call__(self, token_ids) -> jax.Array:
-        rows = dispatch.lookup(
+        # Eagerly, one compiled call for all of it, the dtype and scaling included.
+        return dispatch.lookup(
             self.embedding[...],
             token_ids,
             backend=self.backend,
             mode=self.mode,
             fill_value=self.fill_value,
             deterministic=self.deterministic,
+            dtype=self.dtype,
+            scale_by_sqrt_d=self.scale_by_sqrt_d,
         )
-        return self._finish(rows)
 
     def _finish(self, rows: jax.Array) -> jax.Array:
         """Looked-up rows in the output ``dtype``, scaled if ``scale_by_sqrt_d``.
 
         Shared with ``embed.sharding.apply_sharded``, the same call on a mesh.
         """
-        rows = rows if self.dtype is None else rows.astype(self.dtype)
-        return rows * jnp.sqrt(self.d_model).astype(rows.dtype) if self.scale_by_sqrt_d else rows
+        return dispatch.finish(
+            rows, self.d_model, dtype=self.dtype, scale_by_sqrt_d=self.scale_by_sqrt_d
+        )
 
     def attend(self, query: jax.Array, *, precision=None) -> jax.Array:
         """The tied output projection ``query @ embedding.T``, as ``nnx.Embed.attend``.
