@@ -157,6 +157,17 @@ def test_python_int_and_list_ids():
         )
 
 
+@pytest.mark.parametrize("fill_value", [None, "one"])
+def test_a_fill_value_that_is_no_number_fails_as_before(fill_value):
+    table = grid.make_table(VOCAB, D_MODEL, jnp.float32)
+    token_ids = jnp.array([1, VOCAB])
+    with pytest.raises(Exception) as expected:
+        op_by_op(table, token_ids, mode="fill", fill_value=fill_value)
+    with pytest.raises(type(expected.value)) as raised:
+        embed.lookup(table, token_ids, mode="fill", fill_value=fill_value)
+    assert str(raised.value) == str(expected.value)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mode_error_raises_on_the_host_before_any_dispatch(backend):
     table = grid.make_table(VOCAB, D_MODEL, jnp.float32)
