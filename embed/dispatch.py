@@ -152,7 +152,7 @@ def lookup(
     """
     check_backend(backend)
     ids_lib.check_mode(mode)
-    if not _is_eager(table, token_ids, fill_value if mode == "fill" else None):
+    if not _is_eager(table, token_ids, fill_value, mode):
         rows = _lookup_rows(
             table,
             token_ids,
@@ -195,18 +195,18 @@ def finish(rows: jax.Array, d_model: int, *, dtype=None, scale_by_sqrt_d: bool =
     return rows * jnp.sqrt(d_model).astype(rows.dtype) if scale_by_sqrt_d else rows
 
 
-def _is_eager(table, token_ids, fill_value) -> bool:
+def _is_eager(table, token_ids, fill_value, mode) -> bool:
     """True when nothing is traced, so the lookup can be one compiled call.
 
-    ``fill_value`` (``None`` when unused) must be a number or an array: anything else
-    takes the op-by-op path, which raises the errors it always did.
+    A fill value in use must be a number or an array: anything else takes the op-by-op
+    path, which raises the errors it always did.
     """
     return (
         isinstance(table, jax.Array)
         and not isinstance(table, jax.core.Tracer)
         and not isinstance(token_ids, jax.core.Tracer)
         and (
-            fill_value is None
+            mode != "fill"
             or isinstance(fill_value, (int, float, np.generic, np.ndarray))
             or (isinstance(fill_value, jax.Array) and not isinstance(fill_value, jax.core.Tracer))
         )
