@@ -201,14 +201,13 @@ def _is_eager(table, token_ids, fill_value, mode) -> bool:
     A fill value in use must be a number or an array: anything else takes the op-by-op
     path, which raises the errors it always did.
     """
+    tracer = jax.core.Tracer
     return (
         isinstance(table, jax.Array)
-        and not isinstance(table, jax.core.Tracer)
-        and not isinstance(token_ids, jax.core.Tracer)
+        and not any(isinstance(x, tracer) for x in (table, token_ids, fill_value))
         and (
             mode != "fill"
-            or isinstance(fill_value, (int, float, np.generic, np.ndarray))
-            or (isinstance(fill_value, jax.Array) and not isinstance(fill_value, jax.core.Tracer))
+            or isinstance(fill_value, (int, float, np.generic, np.ndarray, jax.Array))
         )
     )
 
