@@ -236,7 +236,10 @@ def _eager_lookup(
     """An eager lookup as one compiled call; ``jax.jit`` caches it per shape and config.
 
     The fill value is an operand, not static configuration: a NaN is unequal to
-    itself, so as a static argument it would miss the cache on every call.
+    itself, so as a static argument it would miss the cache on every call; and as a
+    constant (even one keyed by its bits) XLA folds it at compile time, where a
+    subnormal fill scaled by ``scale_by_sqrt_d`` is not flushed to zero as it is at
+    run time, so the bits would differ from the op-by-op lookup.
     """
     rows = _lookup_rows(
         table, ids, fill_value, backend=backend, mode=mode, deterministic=deterministic
