@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from embed import ids as ids_lib
 from kernels import compat, pallas_gather, reference
@@ -138,13 +139,113 @@ def lookup(
     mode: str = "clip",
     fill_value=jnp.nan,
     deterministic: bool = False,
+    dtype=None,
+    scale_by_sqrt_d: bool = False,
 ) -> jax.Array:
     """Embedding rows for ``token_ids`` of any shape: ``token_ids.shape + (d_model,)``.
 
     ``mode`` and ``fill_value`` are the out-of-range policy (``embed.ids``);
-    ``deterministic`` selects a bit-reproducible kernel backward (``gather``).
+    ``deterministic`` selects a bit-reproducible kernel backward (``gather``);
+    ``dtype`` and ``scale_by_sqrt_d`` finish the rows as ``MyEmbed`` does (``finish``).
+
+    Called eagerly (a concrete table, ids and fill value), the host checks run first
+    (float ids, ``mode="error"``) and all the device work is then one compiled call,
+    cached by ``jax.jit`` per shape, dtype and configuration: run op by op it would be
+    a dispatch per primitive, several times the cost of the gather. Under tracing the
+    same steps are traced into the caller's computation, as they always were.
     """
+    check_backend(backend)
+    ids_lib.check_mode(mode)
+    if not _is_eager(table, token_ids, fill_value, mode):
+        rows = _lookup_rows(
+            table,
+            token_ids,
+            fill_value,
+            backend=backend,
+            mode=mode,
+            deterministic=deterministic,
+        )
+        return finish(rows, table.shape[-1], dtype=dtype, scale_by_sqrt_d=scale_by_sqrt_d)
+    ids = ids_lib.host_ids(token_ids)
+    if mode == "error":
+        # Before the compiled call, so nothing runs on ids that fail; those that pass
+        # are in range, where "error" and "clip" read the same rows.
+        ids_lib.check_in_vocab(ids_lib.host_int32(ids), table.shape[0])
+        mode = "clip"
+    if mode != "fill":
+        fill_value = None
+    elif not isinstance(fill_value, jax.Array):
+        # On the host, as jnp.asarray(fill_value, dtype) converts a non-JAX value, so a
+        # NaN fill keeps its bits; a JAX fill value is converted inside, by the same op.
+        fill_value = np.asarray(fill_value, dtype=table.dtype)
+    return _eager_lookup(
+        table,
+        ids,
+        fill_value,
+        backend=backend,
+        mode=mode,
+        deterministic=deterministic,
+        dtype=None if dtype is None else jnp.dtype(dtype),
+        scale_by_sqrt_d=bool(scale_by_sqrt_d),
+    )
+
+
+def finish(rows: jax.Array, d_model: int, *, dtype=None, scale_by_sqrt_d: bool = False):
+    """Looked-up rows in the output ``dtype`` (default: theirs), scaled if ``scale_by_sqrt_d``.
+
+    ``MyEmbed``'s last step, here so that an eager lookup compiles it with the rest.
+    """
+    rows = rows if dtype is None else rows.astype(dtype)
+    return rows * jnp.sqrt(d_model).astype(rows.dtype) if scale_by_sqrt_d else rows
+
+
+def _is_eager(table, token_ids, fill_value, mode) -> bool:
+    """True when nothing is traced, so the lookup can be one compiled call.
+
+    A fill value in use must be a number or an array: anything else takes the op-by-op
+    path, which raises the errors it always did.
+    """
+    tracer = jax.core.Tracer
+    return (
+        isinstance(table, jax.Array)
+        and not any(isinstance(x, tracer) for x in (table, token_ids, fill_value))
+        and (
+            mode != "fill"
+            or isinstance(fill_value, (int, float, np.generic, np.ndarray, jax.Array))
+        )
+    )
+
+
+def _lookup_rows(table, token_ids, fill_value, *, backend, mode, deterministic):
     gather_rows = functools.partial(gather, backend=backend, deterministic=deterministic)
     return ids_lib.lookup_with_policy(
         table, token_ids, gather_rows, mode=mode, fill_value=fill_value
     )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("backend", "mode", "deterministic", "dtype", "scale_by_sqrt_d")
+)
+def _eager_lookup(
+    table,  # [vocab_size, d_model]
+    ids,  # [...] integer ids of any width, already checked on the host (ids.host_ids)
+    fill_value,  # [] for mode="fill", else None
+    *,
+    backend: str,
+    mode: str,  # "clip" or "fill": "error" was checked on the host
+    deterministic: bool,
+    dtype,
+    scale_by_sqrt_d: bool,
+):  # [..., d_model]
+    """An eager lookup as one compiled call; ``jax.jit`` caches it per shape and config.
+
+    The fill value is an operand, not static configuration: a NaN is unequal to
+    itself, so as a static argument it would miss the cache on every call; and as a
+    constant (even one keyed by its bits) XLA folds it at compile time, where a
+    subnormal fill scaled by ``scale_by_sqrt_d`` is not flushed to zero as it is at
+    run time, so the bits would differ from the op-by-op lookup.
+    """
+    rows = _lookup_rows(
+        table, ids, fill_value, backend=backend, mode=mode, deterministic=deterministic
+    )
+    return finish(rows, table.shape[-1], dtype=dtype, scale_by_sqrt_d=scale_by_sqrt_d)

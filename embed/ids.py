@@ -56,10 +56,10 @@ def _saturate(ids, xp):
         ids = xp.minimum(ids, xp.asarray(_INT32_MAX, ids.dtype))
     if info.min < _INT32_MIN:
         ids = xp.maximum(ids, xp.asarray(_INT32_MIN, ids.dtype))
-    return ids.astype(xp.int32)
+    return ids.astype(xp.int32, copy=False)
 
 
-def _integral_floats(token_ids, dtype) -> jax.Array:
+def _integral_floats(token_ids, dtype) -> np.ndarray:
     if not _is_concrete(token_ids):
         raise TypeError(
             f"token_ids.dtype={dtype} under tracing cannot be checked for integral "
@@ -75,7 +75,7 @@ def _integral_floats(token_ids, dtype) -> jax.Array:
             "explicitly (token_ids.astype(jnp.int32)) if truncation is what you want"
         )
     # Clipped in float64, where both int32 bounds are exact, then cast.
-    return jnp.asarray(np.clip(values, _INT32_MIN, _INT32_MAX).astype(np.int32))
+    return np.clip(values, _INT32_MIN, _INT32_MAX).astype(np.int32)
 
 
 def to_int32(token_ids) -> jax.Array:
@@ -91,9 +91,27 @@ def to_int32(token_ids) -> jax.Array:
       ValueError: for float ids with a non-integral or non-finite value, naming the
         first one.
     """
+    return saturate(jnp.asarray(host_ids(token_ids)))
+
+
+def host_ids(token_ids):
+    """``to_int32`` without its device work: what the host must check, checked.
+
+    An eager lookup calls this before its one compiled call (``embed.dispatch``), and
+    ``saturate`` finishes the conversion inside that call.
+
+    Returns:
+      NumPy int32 ids for Python and NumPy ids (saturated, or checked integral floats);
+      ``token_ids`` itself for a JAX integer array or tracer, of any width.
+
+    Raises:
+      TypeError, ValueError: as ``to_int32``.
+    """
+    if isinstance(token_ids, jax.Array) and token_ids.dtype == np.int32:
+        return token_ids  # The common case, first: nothing to check.
     if isinstance(token_ids, int) and not isinstance(token_ids, bool):
         # A Python int may not fit any NumPy integer type.
-        return jnp.int32(min(max(token_ids, _INT32_MIN), _INT32_MAX))
+        return np.int32(min(max(token_ids, _INT32_MIN), _INT32_MAX))
     dtype = getattr(token_ids, "dtype", None)
     dtype = np.asarray(token_ids).dtype if dtype is None else np.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating):
@@ -103,12 +121,21 @@ def to_int32(token_ids) -> jax.Array:
             f"token_ids.dtype={dtype} must be an integer type (or integral floats); "
             "booleans, complex numbers and strings are not token ids"
         )
-    if dtype == np.int32:
-        return jnp.asarray(token_ids)
-    if _is_concrete(token_ids) and not isinstance(token_ids, jax.Array):
-        # NumPy int64/uint64 would be wrapped by jnp.asarray when x64 is off.
-        return jnp.asarray(_saturate(np.asarray(token_ids), np))
-    return _saturate(jnp.asarray(token_ids), jnp)
+    if isinstance(token_ids, jax.Array) or not _is_concrete(token_ids):
+        return token_ids
+    # NumPy int64/uint64 would be wrapped by jnp.asarray when x64 is off.
+    return _saturate(np.asarray(token_ids), np)
+
+
+def saturate(ids: jax.Array) -> jax.Array:
+    """JAX integer ids of any width as int32, saturating (device work; traceable)."""
+    return ids if ids.dtype == np.int32 else _saturate(ids, jnp)
+
+
+def host_int32(ids) -> np.ndarray:
+    """The values of ``host_ids(...)`` as NumPy int32 (a device-to-host copy for JAX ids)."""
+    values = np.asarray(ids)
+    return values if values.dtype == np.int32 else _saturate(values, np)
 
 
 def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
@@ -121,6 +148,8 @@ def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
     valid_range = f"[{-vocab_size}, {vocab_size})"
     if _is_concrete(ids):
         values = np.asarray(ids)
+        if not values.size or (values.min() >= -vocab_size and values.max() < vocab_size):
+            return  # The common case, in two reductions.
         bad = (values < -vocab_size) | (values >= vocab_size)
         if bad.any():
             position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))

@@ -102,15 +102,18 @@ class _Embedding(nnx.Module):
         return self._lookup(self.embedding[...], token_ids)
 
     def _lookup(self, table: jax.Array, token_ids) -> jax.Array:
-        rows = dispatch.lookup(
+        # Called eagerly, the lookup, the out-of-range policy, the output cast and the
+        # scaling are one compiled call (dispatch.lookup).
+        return dispatch.lookup(
             self._promoted(table),
             token_ids,
             backend=self.backend,
             mode=self.mode,
             fill_value=self.fill_value,
             deterministic=self.deterministic,
+            dtype=self._output_dtype,
+            scale_by_sqrt_d=self.scale_by_sqrt_d,
         )
-        return self._finish(rows)
 
     def _promoted(self, table: jax.Array) -> jax.Array:
         """The table the lookup gathers from: ``promote_dtype``'s, as in ``nnx.Embed``.
@@ -129,15 +132,21 @@ class _Embedding(nnx.Module):
         (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
         return table
 
+    @property
+    def _output_dtype(self):
+        """The cast after the lookup: to ``dtype``, unless a custom ``promote_dtype`` has
+        set the dtype already (``_promoted``), as in ``nnx.Embed``."""
+        return self.dtype if self.promote_dtype is flax_dtypes.promote_dtype else None
+
     def _finish(self, rows: jax.Array) -> jax.Array:
         """Looked-up rows in the output ``dtype``, scaled if ``scale_by_sqrt_d``.
 
-        Shared with ``embed.sharding.apply_sharded``, the same call on a mesh. A custom
-        ``promote_dtype`` has set the dtype already (``_promoted``), as in ``nnx.Embed``.
+        What ``_lookup`` asks ``dispatch.lookup`` to do; ``embed.sharding.apply_sharded``,
+        the same call on a mesh, applies it to the rows its layouts gather.
         """
-        if self.promote_dtype is flax_dtypes.promote_dtype:
-            rows = rows.astype(self.dtype)
-        return rows * jnp.sqrt(self.features).astype(rows.dtype) if self.scale_by_sqrt_d else rows
+        return dispatch.finish(
+            rows, self.features, dtype=self._output_dtype, scale_by_sqrt_d=self.scale_by_sqrt_d
+        )
 
     def attend(self, query: jax.Array, out_sharding=None, *, precision=None) -> jax.Array:
         """The tied output projection ``query @ embedding.T``, as ``nnx.Embed.attend``.

@@ -37,11 +37,16 @@ a random order each round, so drift on a shared machine hits all of them alike):
 ``vs_xla`` = provider time / ``xla`` time of the same shape and pass, ``vs_copy`` =
 achieved GB/s / ``copy`` GB/s.
 
+``--eager`` times something else, instead of the grid: eager (un-jitted) calls of
+``MyEmbed`` in every mode against ``flax.nnx.Embed`` holding the same table, the cost a
+user sees in a notebook or a data pipeline (``eager_report``).
+
 Example:
     python tools/benchmark.py                      # quick grid, ~1 minute on 2 CPU cores
     python tools/benchmark.py --shape 1,2048,4096,32000 --providers xla,xla_rows,copy
     python tools/benchmark.py --grid full --ids both --csv out.csv --plot out.png
     python tools/benchmark.py --grid gpu --passes fwd,bwd --choose --max-seconds 150
+    python tools/benchmark.py --eager              # MyEmbed vs nnx.Embed, eager calls
 """
 
 from __future__ import annotations
@@ -655,6 +660,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also time embed.sharding's layouts on N devices (on a CPU host: N simulated "
         "host devices, labelled CPU-simulated)",
     )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="instead of the grid: time eager calls of MyEmbed in every mode against "
+        "flax.nnx.Embed (default shapes: ids (1, 8) and (1, 2048), D=768, V=50257; "
+        "--shape overrides them)",
+    )
+    p.add_argument("--eager-repeats", type=int, default=200, help="calls timed per layer")
     args = p.parse_args(argv)
     for name, allowed in (("providers", PROVIDERS), ("passes", PASSES)):
         values = [x for x in getattr(args, name).split(",") if x]
@@ -720,6 +733,67 @@ def sharded_report(shapes: Sequence[Shape], num_devices: int, args) -> str:
     return "\n".join(lines)
 
 
+# --- Eager calls (--eager): MyEmbed against flax.nnx.Embed --------------------------------
+
+# GPT-2's vocabulary and width; a short and a long sequence (issue 15).
+EAGER_SHAPES = ((1, 8, 768, 50257), (1, 2048, 768, 50257))
+
+
+def eager_report(shapes: Sequence[tuple[int, int, int, int]], args) -> tuple[str, list[dict]]:
+    """Eager (un-jitted) calls of ``MyEmbed`` in every mode against ``flax.nnx.Embed``.
+
+    All layers hold the same float32 table and take the same int32 ids, uniform in
+    ``[0, V)`` so every mode returns ``nnx.Embed``'s rows (checked bit for bit); the
+    calls are interleaved in one run, and ``vs nnx`` = median time / ``nnx.Embed``'s.
+    """
+    from flax import nnx
+
+    device = jax.devices()[0]
+    lines = [
+        f"eager calls on {device.platform} ({device.device_kind}): median us [p20, p80] of "
+        f"{args.eager_repeats} calls each; vs nnx = time / nnx.Embed time, same run"
+    ]
+    rows = []
+    for b, t, d, v in shapes:
+        reference = nnx.Embed(v, d, rngs=nnx.Rngs(0))
+        table = reference.embedding[...]
+        layers = {"nnx.Embed": reference}
+        for mode in embed.MODES:
+            layer = embed.MyEmbed(v, d, nnx.Rngs(0), mode=mode)
+            layer.embedding.set_value(table)
+            layers[f"MyEmbed(mode={mode!r})"] = layer
+        ids = jnp.asarray(make_ids(Shape(b, t, d, v)).reshape(b, t))
+        expected = _call(reference, (ids,))
+        matches = {name: _same_bits(_call(f, (ids,)), expected) for name, f in layers.items()}
+        calls = [functools.partial(_call, layer, (ids,)) for layer in layers.values()]
+        rng = np.random.default_rng(0)
+        _timed_rounds(calls, args.warmup, rng)  # Warm-up (and compilation).
+        times = _timed_rounds(calls, args.eager_repeats, rng)
+        base = _percentiles(times[0])[0]
+        for name, samples in zip(layers, times, strict=True):
+            median, p20, p80 = _percentiles(samples)
+            rows.append(
+                dict(
+                    provider=name,
+                    batch=b,
+                    seq_len=t,
+                    d_model=d,
+                    vocab_size=v,
+                    median_ms=median,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                    vs_nnx=median / base,
+                    matches_nnx=matches[name],
+                )
+            )
+            note = "" if matches[name] else "  NOT bit-identical to nnx.Embed"
+            lines.append(
+                f"  ids ({b}, {t}) D={d} V={v}  {name:<24} {median * 1e3:9.1f} "
+                f"[{p20 * 1e3:.1f}, {p80 * 1e3:.1f}]  vs nnx {median / base:5.2f}x{note}"
+            )
+    return "\n".join(lines), rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the benchmark; returns the rows it printed and wrote."""
     args = parse_args(argv)
@@ -750,12 +824,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "GLIBC_TUNABLES (docs/benchmarks.md) made xla 3-5x faster here.",
             flush=True,
         )
-    if platform != "gpu" and "pallas" in args.providers:
+    if platform != "gpu" and "pallas" in args.providers and not args.eager:
         print(
             "note: pallas runs in the Pallas interpreter here; it is labelled "
             '"pallas (interpret)" and kept out of every ratio: not a GPU figure.',
             flush=True,
         )
+    if args.eager:
+        text, eager_rows = eager_report(args.shape or EAGER_SHAPES, args)
+        print(text)
+        return eager_rows
     progress = None
     if not args.no_progress:
         from tqdm import tqdm

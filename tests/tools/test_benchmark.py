@@ -155,3 +155,27 @@ def test_time_budget_reports_the_shapes_left_as_skipped():
     assert rows and all(r["status"] == "skipped" for r in rows)
     assert all(r["reason"] == "time budget: --max-seconds 0 reached" for r in rows)
     assert {r["provider"] for r in rows} == set(benchmark.PROVIDERS)
+
+
+# --- --eager: MyEmbed against flax.nnx.Embed -------------------------------------------
+
+
+def test_eager_pass_times_every_mode_against_nnx_embed(capsys):
+    shapes = [(1, 8, 16, 64), (2, 5, 8, 300)]
+    rows = benchmark.main(
+        [*(f"--shape={','.join(map(str, s))}" for s in shapes), "--eager", "--eager-repeats=3"]
+        + ["--warmup=1", "--no-progress"]
+    )
+    printed = capsys.readouterr().out
+    names = ["nnx.Embed"] + [f"MyEmbed(mode={m!r})" for m in benchmark.embed.MODES]
+    assert [(r["batch"], r["seq_len"], r["d_model"], r["vocab_size"]) for r in rows] == [
+        s for s in shapes for _ in names
+    ]
+    assert [r["provider"] for r in rows] == names * len(shapes)
+    base = {r["seq_len"]: r["median_ms"] for r in rows if r["provider"] == "nnx.Embed"}
+    for r in rows:
+        assert r["matches_nnx"] is True
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["vs_nnx"] == pytest.approx(r["median_ms"] / base[r["seq_len"]])
+        assert f"{r['provider']:<24} {r['median_ms'] * 1e3:9.1f}" in printed
+    assert "B=" not in printed  # The grid did not run.
