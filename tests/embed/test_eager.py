@@ -18,7 +18,7 @@ from jax import monitoring
 from jax.experimental import checkify
 
 import embed
-from embed import MyEmbed, dispatch
+from embed import Embed, MyEmbed, dispatch
 from tests import grid
 
 BACKENDS = ["xla", "pallas", "auto"]
@@ -116,6 +116,16 @@ def test_an_eager_layer_call_is_one_dispatch(backend, mode, shape, kind):
     token_ids = _token_ids(kind, shape, mode)
     out = one_dispatch(lambda: layer(token_ids))
     grid.assert_bits_equal(out, numpy_rows(np.asarray(layer.embedding[...]), token_ids, mode))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("param_dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_an_eager_flax_face_call_is_one_dispatch(backend, param_dtype):
+    # nnx.Embed's defaults: NaN rows for out-of-range ids, output in the table's dtype.
+    layer = Embed(VOCAB, D_MODEL, param_dtype=param_dtype, rngs=nnx.Rngs(0), backend=backend)
+    token_ids = _token_ids("int32", (1, 2048), "fill")
+    out = one_dispatch(lambda: layer(token_ids))
+    grid.assert_bits_equal(out, numpy_rows(np.asarray(layer.embedding[...]), token_ids, "fill"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
