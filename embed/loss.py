@@ -198,6 +198,32 @@ def _grads(table, hidden, targets, lse, coef, cfg: _Config):
     return grad_hidden, grad_table
 
 
+def _one_block_loss_and_grads(table, hidden, targets, weights, grad_table, cfg: _Config):
+    """``_lse_and_label`` and ``_chunk_grads`` fused, when the vocabulary is one block.
+
+    The logits are computed once, and exponentiated once: the softmax reuses the
+    log-sum-exp's ``exp(logits - max)``.
+    """
+    logits, slope, _, _, columns, _ = cfg.block(table, hidden, 0)  # [C, V]
+    peak = logits.max(axis=1, keepdims=True)  # [C, 1]
+    shifted = jnp.exp(logits - peak)
+    total = shifted.sum(axis=1, keepdims=True)
+    lse = (peak + jnp.log(total))[:, 0]
+    in_range = (targets >= 0) & (targets < cfg.vocab_size)
+    label = jnp.take_along_axis(logits, jnp.where(in_range, targets, 0)[:, None], axis=1)[:, 0]
+    label = jnp.where(in_range, label, jnp.nan)
+    loss = jnp.where(weights != 0, lse - label + cfg.z_loss * lse**2, 0.0)
+    probs = shifted / total
+    grad = probs - (columns == targets[:, None])
+    if cfg.z_loss:
+        grad = grad + (2.0 * cfg.z_loss * lse)[:, None] * probs
+    grad = weights[:, None] * grad
+    if slope is not None:
+        grad = grad * slope
+    grad_hidden = cfg.matmul(grad, table)
+    return loss, grad_hidden, grad_table + cfg.matmul(grad.T, hidden)
+
+
 def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
     """Per-token losses and the gradients of ``sum(weights * loss)``, in one pass.
 
@@ -207,6 +233,11 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
 
     def step(grad_table, chunk):
         h, t, w = chunk
+        if cfg.num_vocab_chunks == 1:
+            loss, grad_hidden, grad_table = _one_block_loss_and_grads(
+                table, h, t, w, grad_table, cfg
+            )
+            return grad_table, (loss, grad_hidden)
         lse, label = _lse_and_label(table, h, t, cfg)
         loss = jnp.where(w != 0, lse - label + cfg.z_loss * lse**2, 0.0)
         grad_hidden, grad_table = _chunk_grads(table, h, t, lse, w, grad_table, cfg)
