@@ -113,6 +113,33 @@ class _Config:
         return lax.fori_loop(0, self.num_vocab_chunks, body, carry)
 
 
+def _zeros(shape, *like, fill=0.0):
+    """Float32 ``fill`` of ``shape``, varying over the mesh axes that ``like`` vary over.
+
+    Inside ``shard_map`` (the data-parallel layout), a loop carry must keep its type,
+    and a carry fed by a shard's tokens varies over the token axis; a plain constant
+    would not. ``where(True, ...)`` takes the type of every operand and the value of
+    the constant, whatever ``like`` holds (no ``0 * x``: ``x`` may be infinite).
+    """
+    out = jnp.full(shape, fill, jnp.float32)
+    for x in like:
+        out = jnp.where(True, out, x.sum().astype(jnp.float32))
+    return out
+
+
+def _vary_like(x, *like):
+    """``x``, varying over the mesh axes that ``like`` vary over (a no-op elsewhere).
+
+    A replicated table used by a shard's tokens: made varying outside the
+    ``custom_vjp``, JAX's own transpose of that step sums the shards' table gradients
+    (a ``psum``), and the ``custom_vjp`` sees inputs and cotangents of one type. XLA
+    folds the ``where(True, ...)`` away.
+    """
+    for y in like:
+        x = jnp.where(True, x, y.sum().astype(x.dtype))
+    return x
+
+
 def _lse_and_label(table, hidden, targets, cfg: _Config):
     """Per-token float32 ``(logsumexp, target logit)`` of one chunk, online over blocks.
 
@@ -133,7 +160,11 @@ def _lse_and_label(table, hidden, targets, cfg: _Config):
         label = label + jnp.where(hit, logits, 0.0).sum(axis=1)
         return new_max, total, label
 
-    init = (jnp.full((c,), -jnp.inf), jnp.zeros((c,)), jnp.zeros((c,)))
+    init = (
+        _zeros((c,), table, hidden, fill=-jnp.inf),
+        _zeros((c,), table, hidden),
+        _zeros((c,), table, hidden),
+    )
     running_max, total, label = cfg.over_vocab(body, init)
     lse = running_max + jnp.log(total)
     in_range = (targets >= 0) & (targets < cfg.vocab_size)
@@ -168,7 +199,7 @@ def _chunk_grads(table, hidden, targets, lse, coef, grad_table, cfg: _Config):
         old = lax.dynamic_slice_in_dim(grad_table, start, cfg.vocab_chunk_size, axis=0)
         return grad_hidden, lax.dynamic_update_slice_in_dim(grad_table, old + block, start, 0)
 
-    init = (jnp.zeros(hidden.shape, jnp.float32), grad_table)
+    init = (_zeros(hidden.shape, table, hidden, coef), grad_table)
     return cfg.over_vocab(body, init)
 
 
@@ -193,7 +224,7 @@ def _grads(table, hidden, targets, lse, coef, cfg: _Config):
         grad_hidden, grad_table = _chunk_grads(table, h, t, lse_c, c, grad_table, cfg)
         return grad_table, grad_hidden
 
-    init = jnp.zeros(table.shape, jnp.float32)
+    init = _zeros(table.shape, table, hidden, coef)
     grad_table, grad_hidden = lax.scan(step, init, (hidden, targets, lse, coef))
     return grad_hidden, grad_table
 
@@ -243,7 +274,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
         grad_hidden, grad_table = _chunk_grads(table, h, t, lse, w, grad_table, cfg)
         return grad_table, (loss, grad_hidden)
 
-    init = jnp.zeros(table.shape, jnp.float32)
+    init = _zeros(table.shape, table, hidden, weights)
     grad_table, (loss, grad_hidden) = lax.scan(step, init, (hidden, targets, weights))
     return loss, grad_hidden, grad_table
 
@@ -409,7 +440,7 @@ def attend_cross_entropy(
         hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
         targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
     out = _fused(
-        table,
+        _vary_like(table, hidden, weights),
         hidden.reshape(num_chunks, chunk, d_model),
         targets.reshape(num_chunks, chunk),
         weights.reshape(num_chunks, chunk),
