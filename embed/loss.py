@@ -7,7 +7,8 @@ block: the tokens in chunks of ``chunk_size`` (``lax.scan``), the vocabulary in 
 ``vocab_chunk_size`` with an online log-sum-exp in float32. No array larger than one
 ``[chunk_size, vocab_chunk_size]`` block of logits exists, in the forward or the
 backward; the gradients of ``hidden`` and of the table accumulate in float32 across
-blocks and are cast once.
+blocks (a ``[vocab_size, d_model]`` float32 accumulator, the gradient's own size) and
+are cast once.
 
 The gradient is a ``jax.custom_vjp``:
 
@@ -26,7 +27,7 @@ Default block sizes (``_block_sizes``): a block of logits holds at most
 ``2**23`` float32 values (32 MiB). The vocabulary is one block up to 65536 rows, else
 blocks of 65536; ``chunk_size`` is ``2**23 // vocab_chunk_size`` rounded down to a
 multiple of 8 (at least 8), and at most the number of tokens. E.g. 160 tokens for
-GPT-2's 50257, 256 for 32000, 128 for 256000 (in two-and-a-bit vocabulary blocks).
+GPT-2's 50257, 256 for 32000, 128 for 256000 (in four vocabulary blocks, the last overlapping).
 Tokens that do not fill the last chunk are padded and masked; a vocabulary that does not
 divide into blocks ends with a block that overlaps its predecessor, whose repeated
 columns are masked (no copy of the table).
