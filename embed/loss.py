@@ -65,7 +65,7 @@ def _block_sizes(num_tokens: int, vocab_size: int, chunk_size, vocab_chunk_size)
 class _Config:
     """The static part of one call."""
 
-    vocab_size: int
+    vocab_size: int  # Of the whole table: targets index it.
     chunk_size: int
     vocab_chunk_size: int
     logit_soft_cap: float | None
@@ -74,10 +74,19 @@ class _Config:
     reduction: str
     table_dtype: jnp.dtype  # Of the gradients, cast once.
     hidden_dtype: jnp.dtype
+    # Vocab parallel: the table rows this call holds, a 1/n block split over axis_name.
+    rows: int
+    axis_name: str | None = None
+
+    def row_offset(self):
+        """The global id of this call's first table row."""
+        if self.axis_name is None:
+            return 0
+        return lax.axis_index(self.axis_name) * self.rows
 
     @property
     def num_vocab_chunks(self) -> int:
-        return -(-self.vocab_size // self.vocab_chunk_size)
+        return -(-self.rows // self.vocab_chunk_size)
 
     def matmul(self, a, b):
         return jnp.matmul(
@@ -96,15 +105,16 @@ class _Config:
             rows, start, first = table, 0, 0
         else:
             first = j * vc
-            start = jnp.minimum(first, self.vocab_size - vc)
+            start = jnp.minimum(first, self.rows - vc)
             rows = lax.dynamic_slice_in_dim(table, start, vc, axis=0)  # [Vc, D]
         logits = self.matmul(hidden, rows.T)  # [C, Vc] float32
         slope = None  # d capped / d logits, as jax.grad of tanh computes it
         if self.logit_soft_cap is not None:
             squashed = jnp.tanh(logits / self.logit_soft_cap)
             logits, slope = self.logit_soft_cap * squashed, 1.0 - squashed * squashed
-        columns = start + lax.broadcasted_iota(jnp.int32, (1, vc), 1)  # [1, Vc]
+        columns = start + lax.broadcasted_iota(jnp.int32, (1, vc), 1)  # [1, Vc], local
         valid = columns >= first  # [1, Vc]
+        columns = columns + self.row_offset()  # Global ids, compared with the targets.
         return logits, slope, rows, start, columns, valid
 
     def over_vocab(self, body, carry):
@@ -167,6 +177,11 @@ def _lse_and_label(table, hidden, targets, cfg: _Config):
         _zeros((c,), table, hidden),
     )
     running_max, total, label = cfg.over_vocab(body, init)
+    if cfg.axis_name is not None:
+        # Vocab parallel: combine the shards' partial log-sum-exps and target logits.
+        peak = lax.pmax(running_max, cfg.axis_name)
+        total = lax.psum(total * jnp.exp(running_max - peak), cfg.axis_name)
+        running_max, label = peak, lax.psum(label, cfg.axis_name)
     lse = running_max + jnp.log(total)
     in_range = (targets >= 0) & (targets < cfg.vocab_size)
     return lse, jnp.where(in_range, label, jnp.nan)
@@ -227,7 +242,12 @@ def _grads(table, hidden, targets, lse, coef, cfg: _Config):
 
     init = _zeros(table.shape, table, hidden, coef)
     grad_table, grad_hidden = lax.scan(step, init, (hidden, targets, lse, coef))
-    return grad_hidden, grad_table
+    return _sum_shards(grad_hidden, cfg), grad_table
+
+
+def _sum_shards(grad_hidden, cfg: _Config):
+    """Vocab parallel: each shard's hidden gradient covers its rows only; add them."""
+    return grad_hidden if cfg.axis_name is None else lax.psum(grad_hidden, cfg.axis_name)
 
 
 def _one_block_loss_and_grads(table, hidden, targets, weights, grad_table, cfg: _Config):
@@ -265,7 +285,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
 
     def step(grad_table, chunk):
         h, t, w = chunk
-        if cfg.num_vocab_chunks == 1:
+        if cfg.num_vocab_chunks == 1 and cfg.axis_name is None:
             loss, grad_hidden, grad_table = _one_block_loss_and_grads(
                 table, h, t, w, grad_table, cfg
             )
@@ -277,7 +297,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
 
     init = _zeros(table.shape, table, hidden, weights)
     grad_table, (loss, grad_hidden) = lax.scan(step, init, (hidden, targets, weights))
-    return loss, grad_hidden, grad_table
+    return loss, _sum_shards(grad_hidden, cfg), grad_table
 
 
 def _reduce(loss, weights, cfg: _Config):
@@ -371,6 +391,41 @@ def attend_cross_entropy(
     Returns:
       The float32 loss.
     """
+    table, hidden, targets, weights, cfg, finish = _prepare(
+        table,
+        hidden,
+        targets,
+        where=where,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        z_loss=z_loss,
+        dtype=dtype,
+    )
+    return finish(_fused(_vary_like(table, hidden, weights), hidden, targets, weights, cfg))
+
+
+def _prepare(
+    table,
+    hidden,
+    targets,
+    *,
+    where,
+    reduction,
+    chunk_size,
+    vocab_chunk_size,
+    logit_soft_cap,
+    z_loss,
+    dtype,
+    num_shards=1,
+    axis_name=None,
+):
+    """Checks the arguments; returns ``_fused``'s arguments and the output's reshape.
+
+    ``num_shards``: vocab parallel, the table's rows split that many ways over
+    ``axis_name``; the blocks are sized for one shard's rows.
+    """
     table, hidden = jnp.asarray(table), jnp.asarray(hidden)
     targets = jnp.asarray(targets)
     if table.ndim != 2:
@@ -408,7 +463,13 @@ def attend_cross_entropy(
 
     batch_shape = targets.shape
     num_tokens = math.prod(batch_shape)
-    chunk, vocab_chunk = _block_sizes(num_tokens, vocab_size, chunk_size, vocab_chunk_size)
+    if vocab_size % num_shards:
+        raise ValueError(
+            f"{vocab_size=} must be a multiple of the {num_shards} shards of {axis_name=}: "
+            "pad the vocabulary (e.g. GPT-2's 50257 to 50304)"
+        )
+    rows = vocab_size // num_shards
+    chunk, vocab_chunk = _block_sizes(num_tokens, rows, chunk_size, vocab_chunk_size)
     cfg = _Config(
         vocab_size=vocab_size,
         chunk_size=chunk,
@@ -419,6 +480,8 @@ def attend_cross_entropy(
         reduction=reduction,
         table_dtype=table.dtype,
         hidden_dtype=hidden.dtype,
+        rows=rows,
+        axis_name=axis_name,
     )
     keep = jnp.ones(batch_shape, bool) if where is None else where
     keep = keep.reshape(num_tokens)
@@ -440,13 +503,74 @@ def attend_cross_entropy(
     if pad:  # Padded tokens have weight 0: no loss, no gradient.
         hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
         targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
-    out = _fused(
-        _vary_like(table, hidden, weights),
-        hidden.reshape(num_chunks, chunk, d_model),
-        targets.reshape(num_chunks, chunk),
-        weights.reshape(num_chunks, chunk),
-        cfg,
+    hidden = hidden.reshape(num_chunks, chunk, d_model)
+    targets, weights = targets.reshape(num_chunks, chunk), weights.reshape(num_chunks, chunk)
+
+    def finish(out):
+        if reduction == "none":
+            return out.reshape(-1)[:num_tokens].reshape(batch_shape)
+        return out
+
+    return table, hidden, targets, weights, cfg, finish
+
+
+def vocab_parallel_attend_cross_entropy(
+    table: jax.Array,  # [vocab_size, d_model], its rows split over axis_name
+    hidden: jax.Array,  # [..., d_model], replicated over axis_name
+    targets: jax.Array,  # [...] integer, replicated over axis_name
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str,
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+    logit_soft_cap: float | None = None,
+    z_loss: float = 0.0,
+    dtype=None,
+) -> jax.Array:
+    """``attend_cross_entropy`` with the table's rows split over ``axis_name`` (Megatron's).
+
+    The partner of ``embed.sharding``'s ``"vocab"`` layout. Each shard runs the blocks
+    over its own rows; per token chunk, a ``pmax`` and two ``psum`` of ``[chunk]``
+    combine the shards' log-sum-exps and target logits, so no shard sees another's
+    logits. The table gradient stays on its shard; the hidden gradient is one ``psum``
+    of ``[tokens, d_model]``. Each block's logits are computed twice (the gradient needs
+    the combined log-sum-exp): four matmuls per block. docs/scaling.md works out the
+    communication.
+
+    Args:
+      table: the whole table, placed or not; ``shard_map`` splits its rows.
+      hidden, targets, where, reduction, chunk_size, vocab_chunk_size, logit_soft_cap,
+        z_loss, dtype: as ``attend_cross_entropy``; the block sizes apply per shard.
+      mesh: the mesh.
+      axis_name: the mesh axis the rows are split over; ``vocab_size`` must be a
+        multiple of its size.
+
+    Returns:
+      The float32 loss, replicated.
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"{axis_name=} must be an axis of the mesh {mesh.axis_names}")
+    table, hidden, targets, weights, cfg, finish = _prepare(
+        table,
+        hidden,
+        targets,
+        where=where,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+        logit_soft_cap=logit_soft_cap,
+        z_loss=z_loss,
+        dtype=dtype,
+        num_shards=mesh.shape[axis_name],
+        axis_name=axis_name,
     )
-    if reduction == "none":
-        return out.reshape(-1)[:num_tokens].reshape(batch_shape)
-    return out
+    P = jax.sharding.PartitionSpec
+    out = jax.shard_map(
+        lambda *args: _fused(_vary_like(args[0], *args[1:]), *args[1:], cfg),
+        mesh=mesh,
+        in_specs=(P(axis_name, None), P(), P(), P()),
+        out_specs=P(),
+    )(table, hidden, targets, weights)
+    return finish(out)

@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from embed import MyEmbed, lookup, sharding
-from embed.loss import attend_cross_entropy
+from embed.loss import attend_cross_entropy, vocab_parallel_attend_cross_entropy
 from kernels.reference import attend_cross_entropy_reference, gather_grad_reference
 from tests import grid
 
@@ -453,6 +453,54 @@ def test_tied_loss_of_the_layer_under_jit_with_sharded_tokens():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(layer_grads.embedding[...], want_grads[0], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(hidden_grad, want_grads[1], rtol=1e-5, atol=1e-7)
+
+
+@needs_devices
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "blocks", [{}, {"chunk_size": 4, "vocab_chunk_size": 3}], ids=["default", "small"]
+)
+def test_vocab_parallel_tied_loss_matches_unsharded(blocks, reduction):
+    # Megatron's cross-entropy: the table's 56 rows split 7 per shard, and each shard's
+    # log-sum-exp and target logit combined by pmax / psum. Under jit, against naive.
+    table, hidden, targets = _tied_loss_inputs(vocab_size=56, per_shard=2)
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    where = jnp.arange(targets.size) % 5 != 3
+    kwargs = {"where": where, "reduction": reduction, "logit_soft_cap": 3.0, "z_loss": 1e-2}
+    weights = 1.0 + jnp.arange(targets.size) / 7
+    mesh = _mesh()
+
+    def scalar(fn):
+        def run(table, hidden):
+            out = fn(table, hidden, targets, **kwargs)
+            return (out * weights).sum() if reduction == "none" else out
+
+        return run
+
+    sharded = scalar(
+        lambda *a, **k: vocab_parallel_attend_cross_entropy(
+            *a, mesh=mesh, axis_name="x", **k, **blocks
+        )
+    )
+    got, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(table, hidden)
+    want, want_grads = jax.value_and_grad(scalar(attend_cross_entropy_reference), argnums=(0, 1))(
+        table, hidden
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for grad, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    # Only per-token statistics and the hidden gradient cross the shards: no gathers.
+    hlo = jax.jit(jax.grad(sharded)).lower(table, hidden).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+
+
+@needs_devices
+def test_vocab_parallel_tied_loss_needs_a_divisible_vocabulary():
+    table, hidden, targets = _tied_loss_inputs(vocab_size=61)
+    with pytest.raises(ValueError, match=r"vocab_size=61 must be a multiple of the 8 shards"):
+        vocab_parallel_attend_cross_entropy(table, hidden, targets, mesh=_mesh(), axis_name="x")
+    with pytest.raises(ValueError, match=r"axis_name='y' must be an axis of the mesh"):
+        vocab_parallel_attend_cross_entropy(table, hidden, targets, mesh=_mesh(), axis_name="y")
 
 
 # --- Plain pytest with JAX already started on one device --------------------------------
