@@ -254,15 +254,24 @@ def _one_block_loss_and_grads(table, hidden, targets, weights, grad_table, cfg: 
     """``_lse_and_label`` and ``_chunk_grads`` fused, when the vocabulary is one block.
 
     The logits are computed once, and exponentiated once: the softmax reuses the
-    log-sum-exp's ``exp(logits - max)``.
+    log-sum-exp's ``exp(logits - max)``. Vocab parallel, the block is this shard's rows,
+    and the shards' statistics are combined while it is live.
     """
-    logits, slope, _, _, columns, _ = cfg.block(table, hidden, 0)  # [C, V]
+    logits, slope, _, _, columns, _ = cfg.block(table, hidden, 0)  # [C, rows]
     peak = logits.max(axis=1, keepdims=True)  # [C, 1]
     shifted = jnp.exp(logits - peak)
     total = shifted.sum(axis=1, keepdims=True)
+    local = targets - cfg.row_offset()
+    owned = (local >= 0) & (local < cfg.rows)
+    label = jnp.take_along_axis(logits, jnp.where(owned, local, 0)[:, None], axis=1)[:, 0]
+    label = jnp.where(owned, label, 0.0)
+    if cfg.axis_name is not None:
+        shard_peak, peak = peak, lax.pmax(peak, cfg.axis_name)
+        total = lax.psum(total * jnp.exp(shard_peak - peak), cfg.axis_name)
+        shifted = shifted * jnp.exp(shard_peak - peak)
+        label = lax.psum(label, cfg.axis_name)
     lse = (peak + jnp.log(total))[:, 0]
     in_range = (targets >= 0) & (targets < cfg.vocab_size)
-    label = jnp.take_along_axis(logits, jnp.where(in_range, targets, 0)[:, None], axis=1)[:, 0]
     label = jnp.where(in_range, label, jnp.nan)
     loss = jnp.where(weights != 0, lse - label + cfg.z_loss * lse**2, 0.0)
     probs = shifted / total
@@ -285,7 +294,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
 
     def step(grad_table, chunk):
         h, t, w = chunk
-        if cfg.num_vocab_chunks == 1 and cfg.axis_name is None:
+        if cfg.num_vocab_chunks == 1:
             loss, grad_hidden, grad_table = _one_block_loss_and_grads(
                 table, h, t, w, grad_table, cfg
             )
@@ -535,9 +544,9 @@ def vocab_parallel_attend_cross_entropy(
     over its own rows; per token chunk, a ``pmax`` and two ``psum`` of ``[chunk]``
     combine the shards' log-sum-exps and target logits, so no shard sees another's
     logits. The table gradient stays on its shard; the hidden gradient is one ``psum``
-    of ``[tokens, d_model]``. Each block's logits are computed twice (the gradient needs
-    the combined log-sum-exp): four matmuls per block. docs/scaling.md works out the
-    communication.
+    of ``[tokens, d_model]``. With one block per shard, the combine happens while the
+    block is live (three matmuls); with several, each block's logits are computed again
+    for the gradient (four). docs/scaling.md works out the communication.
 
     Args:
       table: the whole table, placed or not; ``shard_map`` splits its rows.
