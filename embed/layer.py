@@ -22,7 +22,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as flax_dtypes
 from flax.nnx.nn.linear import default_embed_init
 
-from embed import dispatch, ids
+from embed import dispatch, ids, loss
 from kernels.reference import SUPPORTED_DTYPES, check_dtype
 
 # Metadata keys under which Flax records a variable's partitioning (``out_sharding``
@@ -181,6 +181,54 @@ class _Embedding(nnx.Module):
             out_sharding=out_sharding,
         )
         return logits.astype(dtype)
+
+    def attend_cross_entropy(
+        self,
+        hidden: jax.Array,
+        targets: jax.Array,
+        *,
+        where: jax.Array | None = None,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        logit_soft_cap: float | None = None,
+        z_loss: float = 0.0,
+    ) -> jax.Array:
+        """``softmax_cross_entropy(attend(hidden), targets)``, without the logits array.
+
+        The tied output projection and its loss in blocks of tokens and vocabulary
+        (``embed.loss.attend_cross_entropy``): no ``[tokens, vocab_size]`` array exists
+        in the forward or the backward. The matmuls take ``dtype`` (default: the
+        table's) like ``attend``, but the logits stay float32. The table gradient adds
+        to the lookup's, as in any tied model.
+
+        >>> layer = MyEmbed(10, 4, nnx.Rngs(0))
+        >>> layer.attend_cross_entropy(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), int)).shape
+        ()
+
+        Args:
+          hidden: ``[..., features]`` final hidden states.
+          targets: ``[...]`` integer next-token ids (optax's integer-label semantics).
+          where: ``[...]`` bool, the tokens that count; default all.
+          reduction: ``"mean"`` over the kept tokens, ``"sum"``, or ``"none"``.
+          chunk_size: tokens per block; default from the shapes.
+          logit_soft_cap: Gemma 2's ``cap * tanh(logits / cap)``.
+          z_loss: weight of PaLM's ``logsumexp(logits) ** 2`` term.
+
+        Returns:
+          The float32 loss: a scalar, or ``[...]`` for ``reduction="none"``.
+        """
+        table = self.embedding[...]
+        return loss.attend_cross_entropy(
+            table,
+            hidden,
+            targets,
+            where=where,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            logit_soft_cap=logit_soft_cap,
+            z_loss=z_loss,
+            dtype=self.dtype,
+        )
 
 
 class Embed(_Embedding):

@@ -92,3 +92,59 @@ def _lookup_bwd(residuals, grad_out):
 
 
 lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+# The tied output projection and its loss -------------------------------------------
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def attend_cross_entropy_reference(
+    table: jax.Array,  # [vocab_size, d_model]
+    hidden: jax.Array,  # [..., d_model]
+    targets: jax.Array,  # [...] integer
+    *,
+    where: jax.Array | None = None,  # [...] bool: the tokens that count
+    reduction: str = "mean",
+    logit_soft_cap: float | None = None,
+    z_loss: float = 0.0,
+    dtype=None,
+) -> jax.Array:  # [] float32, or [...] float32 for reduction="none"
+    """Softmax cross-entropy of the tied logits ``hidden @ table.T``, written naively.
+
+    The oracle of ``embed.loss.attend_cross_entropy``; it builds the whole
+    ``[tokens, vocab_size]`` array of logits.
+
+    * Logits: ``hidden`` and ``table`` cast to ``dtype`` (default: the table's), their
+      product accumulated in float32 and kept in float32 (``MyEmbed.attend`` with
+      ``dtype=float32`` for a 16-bit table gives the same numbers).
+    * ``logit_soft_cap``: Gemma 2's ``cap * tanh(logits / cap)``, applied first.
+    * Per token: optax's ``softmax_cross_entropy_with_integer_labels``,
+      ``logsumexp(logits) - logits[target]`` (a negative target indexes from the end
+      once, and a target outside ``[-V, V)`` gives NaN, as ``take_along_axis`` does),
+      plus PaLM's auxiliary ``z_loss * logsumexp(logits) ** 2``.
+    * Tokens where ``where`` is False count 0 (never NaN). ``"mean"`` divides the sum
+      by the number of kept tokens (by 1 when none is kept, so an all-padding batch
+      gives 0 rather than NaN); ``"sum"`` does not divide; ``"none"`` returns each
+      token's loss.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction=} must be one of {REDUCTIONS}")
+    dtype = jnp.dtype(dtype or table.dtype)
+    accumulate = jnp.float32 if dtype.itemsize < 4 else dtype
+    logits = jnp.matmul(
+        hidden.astype(dtype), table.astype(dtype).T, preferred_element_type=accumulate
+    ).astype(jnp.float32)
+    if logit_soft_cap is not None:
+        logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    label = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    loss = lse - label + z_loss * lse**2
+    keep = jnp.ones(loss.shape, bool) if where is None else where
+    loss = jnp.where(keep, loss, 0.0)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / jnp.maximum(keep.sum(), 1).astype(jnp.float32)

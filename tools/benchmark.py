@@ -75,7 +75,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 import embed  # noqa: E402
-from kernels.reference import wrap_and_clamp  # noqa: E402
+from kernels.reference import attend_cross_entropy_reference, wrap_and_clamp  # noqa: E402
 
 PROVIDERS = ("xla", "xla_take", "xla_rows", "one_hot", "pallas", "triton", "copy")
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -668,6 +668,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--shape overrides them)",
     )
     p.add_argument("--eager-repeats", type=int, default=200, help="calls timed per layer")
+    p.add_argument(
+        "--tied-loss",
+        action="store_true",
+        help="also time embed.attend_cross_entropy against the naive logits + "
+        "cross-entropy at each shape (B*T tokens, vocabulary V), with compiled memory",
+    )
     args = p.parse_args(argv)
     for name, allowed in (("providers", PROVIDERS), ("passes", PASSES)):
         values = [x for x in getattr(args, name).split(",") if x]
@@ -794,6 +800,114 @@ def eager_report(shapes: Sequence[tuple[int, int, int, int]], args) -> tuple[str
     return "\n".join(lines), rows
 
 
+# --- The tied output projection's loss (--tied-loss) ---------------------------------
+
+TIED_LOSS_PROVIDERS = ("naive", "fused")
+TIED_LOSS_PASSES = ("fwd", "fwd+bwd")
+
+
+def _tied_loss_fn(provider: str, pass_: str) -> Callable:
+    """``(table, hidden, targets) -> loss`` (``fwd``) or ``(loss, d table, d hidden)``."""
+    loss = {
+        "naive": attend_cross_entropy_reference,  # [T, V] logits, then optax's form
+        "fused": embed.attend_cross_entropy,
+    }[provider]
+    if pass_ == "fwd":
+        return loss
+
+    def value_and_grads(table, hidden, targets):
+        value, grads = jax.value_and_grad(loss, argnums=(0, 1))(table, hidden, targets)
+        return value, *grads
+
+    return value_and_grads
+
+
+def compiled_peak_bytes(compiled) -> tuple[int, int]:
+    """``(arguments + outputs + temporaries, temporaries)`` of a compiled program, bytes.
+
+    From XLA's buffer assignment (``memory_analysis()``), not a run: what the program
+    needs at its peak, whatever the allocator does.
+    """
+    stats = compiled.memory_analysis()
+    live = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+    return live + stats.temp_size_in_bytes, stats.temp_size_in_bytes
+
+
+def _max_rel_diff(actual, expected) -> float:
+    """Largest ``|actual - expected| / max|expected|`` over the leaves of two results."""
+    out = 0.0
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+        out = max(out, float(np.max(np.abs(a - b), initial=0.0)) / scale)
+    return out
+
+
+def measure_tied_loss(shape: Shape, *, warmup: int, repeats: int) -> list[dict]:
+    """Times ``naive`` and ``fused`` per pass, interleaved; adds their compiled memory.
+
+    ``vs_naive`` = fused time / naive time of the same pass, in this run; ``rel_diff``
+    = the largest relative difference of the fused outputs from naive's.
+    """
+    dtype = DTYPES[shape.dtype]
+    t, d, v = shape.num_tokens, shape.d_model, shape.vocab_size
+    table = jax.random.normal(jax.random.key(0), (v, d), dtype)
+    hidden = (jax.random.normal(jax.random.key(1), (t, d)) / math.sqrt(d)).astype(dtype)
+    targets = jnp.asarray(make_ids(shape))
+    args = (table, hidden, targets)
+    rows = []
+    for pass_ in TIED_LOSS_PASSES:
+        compiled = {
+            p: jax.jit(_tied_loss_fn(p, pass_)).lower(*args).compile() for p in TIED_LOSS_PROVIDERS
+        }
+        results = {p: _call(fn, args) for p, fn in compiled.items()}
+        calls = [functools.partial(_call, compiled[p], args) for p in TIED_LOSS_PROVIDERS]
+        rng = np.random.default_rng(0)
+        _timed_rounds(calls, warmup, rng)  # Warm-up.
+        times = _timed_rounds(calls, repeats, rng)
+        naive_ms = _percentiles(times[0])[0]
+        for provider, samples in zip(TIED_LOSS_PROVIDERS, times, strict=True):
+            median, p20, p80 = _percentiles(samples)
+            peak, temp = compiled_peak_bytes(compiled[provider])
+            diff = _max_rel_diff(results[provider], results["naive"])
+            rows.append(
+                dict(
+                    shape=str(shape),
+                    provider=provider,
+                    pass_=pass_,
+                    median_ms=median,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                    vs_naive=median / naive_ms,
+                    peak_mb=peak / 1e6,
+                    temp_mb=temp / 1e6,
+                    rel_diff=diff,
+                )
+            )
+    return rows
+
+
+def tied_loss_report(shapes: Sequence[Shape], args) -> tuple[str, list[dict]]:
+    """``embed.attend_cross_entropy`` against the naive logits + cross-entropy."""
+    lines = [
+        "tied output projection + cross-entropy: naive ([T, V] logits) vs fused "
+        "(embed.attend_cross_entropy); median ms [p20, p80], vs naive = time ratio in this "
+        "run; peak MB = arguments + outputs + temporaries of the compiled program "
+        "(memory_analysis), temp MB = temporaries alone"
+    ]
+    rows = []
+    for shape in shapes:
+        for r in measure_tied_loss(shape, warmup=args.warmup, repeats=args.repeats):
+            rows.append(r)
+            lines.append(
+                f"  {r['shape']:<44} {r['pass_']:<8} {r['provider']:<6} "
+                f"{r['median_ms']:10.2f} [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]  "
+                f"vs naive {r['vs_naive']:5.2f}x  peak {r['peak_mb']:9.1f} MB  "
+                f"temp {r['temp_mb']:9.1f} MB  max rel diff {r['rel_diff']:.1e}"
+            )
+    return "\n".join(lines), rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the benchmark; returns the rows it printed and wrote."""
     args = parse_args(argv)
@@ -880,6 +994,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         write_plot(rows, args.plot)
     if args.sharded:
         print(sharded_report(shapes, args.sharded, args))
+    if args.tied_loss:
+        print(tied_loss_report(shapes, args)[0])
     return rows
 
 

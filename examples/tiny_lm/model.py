@@ -59,16 +59,28 @@ class TinyLM(nnx.Module):
         )
         self.final_norm = nnx.LayerNorm(d_model, rngs=rngs)
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def hidden(self, ids: jax.Array) -> jax.Array:
+        """The final hidden states ``[batch, seq, d_model]``, ready for the tied head."""
         x = self.embed(ids) + self.position[: ids.shape[-1]]
         mask = nnx.make_causal_mask(ids)
         for block in self.blocks:
             x = block(x, mask)
         # As in T5's tied head: rescale by d_model**-0.5, since the table is unit normal.
-        return self.embed.attend(self.final_norm(x) * self.embed.d_model**-0.5)
+        return self.final_norm(x) * self.embed.d_model**-0.5
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return self.embed.attend(self.hidden(ids))
 
 
-def loss_fn(model: TinyLM, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy."""
+def loss_fn(
+    model: TinyLM, inputs: jax.Array, targets: jax.Array, *, fused: bool = False
+) -> jax.Array:
+    """Mean next-token cross-entropy.
+
+    ``fused=True`` takes it from ``MyEmbed.attend_cross_entropy``, which never builds
+    the ``[batch, seq, vocab]`` logits; otherwise from the logits and optax.
+    """
+    if fused:
+        return model.embed.attend_cross_entropy(model.hidden(inputs), targets)
     logits = model(inputs).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()

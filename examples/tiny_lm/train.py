@@ -8,6 +8,7 @@ Uses only ``//embed``'s public API (through ``model.py``), as another team's tar
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import jax
@@ -50,13 +51,18 @@ def fit(
     learning_rate: float = 1e-2,
     seed: int = 0,
     progress: bool = False,
+    fused_loss: bool = False,
 ) -> list[float]:
-    """Trains ``lm`` in place for ``steps`` Adam steps; returns the loss before each step."""
+    """Trains ``lm`` in place for ``steps`` Adam steps; returns the loss before each step.
+
+    ``fused_loss``: take the loss from ``MyEmbed.attend_cross_entropy`` (no logits array).
+    """
     optimizer = nnx.Optimizer(lm, optax.adam(learning_rate), wrt=nnx.Param)
+    loss_fn = functools.partial(model.loss_fn, fused=fused_loss)
 
     @nnx.jit
     def step(lm, optimizer, inputs, targets):
-        loss, grads = nnx.value_and_grad(model.loss_fn)(lm, inputs, targets)
+        loss, grads = nnx.value_and_grad(loss_fn)(lm, inputs, targets)
         optimizer.update(lm, grads)
         return loss
 
@@ -101,6 +107,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--deterministic", action="store_true", help="bit-reproducible embedding gradient"
     )
+    parser.add_argument(
+        "--fused-loss",
+        action="store_true",
+        help="take the loss from MyEmbed.attend_cross_entropy, without the logits array",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    print(f"backend={args.backend} on {jax.default_backend()}, steps={args.steps}")
+    loss = "fused" if args.fused_loss else "logits + optax"
+    print(f"backend={args.backend} on {jax.default_backend()}, steps={args.steps}, loss: {loss}")
     losses = fit(
         lm,
         steps=args.steps,
@@ -125,6 +137,7 @@ def main(argv=None) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         progress=True,
+        fused_loss=args.fused_loss,
     )
     print(loss_curve(losses, args.every))
     print(f"after {data.CORPUS[: args.seq_len]!r}: {sample(lm, 40, args.seq_len)!r}")

@@ -25,7 +25,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from embed import Embed, MyEmbed, lookup, sharding
-from kernels.reference import gather_grad_reference
+from embed.loss import attend_cross_entropy, vocab_parallel_attend_cross_entropy
+from kernels.reference import attend_cross_entropy_reference, gather_grad_reference
 from tests import grid
 
 NUM_DEVICES = 8
@@ -470,6 +471,118 @@ def test_timing_case_runs_and_says_cpu_simulated(layout):
     np.testing.assert_allclose(value, lookup(table, ids).sum(), rtol=1e-5)
     assert grad.shape == table.shape
     assert label == f"{layout}-parallel x{NUM_DEVICES} (CPU-simulated, backend=auto)"
+
+
+# --- The tied loss under the data-parallel layout ---------------------------------------
+
+
+def _tied_loss_inputs(vocab_size=61, d_model=24, per_shard=5):
+    table = grid.make_table(vocab_size, d_model, jnp.float32)
+    hidden = grid.make_table(NUM_DEVICES * per_shard, d_model, jnp.float32, seed=1)
+    hidden = 0.3 * hidden.reshape(NUM_DEVICES, per_shard, d_model)
+    targets = grid.make_ids(vocab_size, NUM_DEVICES * per_shard) % vocab_size
+    return table, hidden, jnp.asarray(targets.reshape(NUM_DEVICES, per_shard))
+
+
+@needs_devices
+def test_tied_loss_per_data_shard_sums_to_the_unsharded_loss():
+    # The "data" layout's split: tokens over the mesh, the table replicated; each shard
+    # runs the chunked loss on its tokens (in several chunks), and a psum adds them. The
+    # table gradient is summed over the shards by shard_map's transpose.
+    table, hidden, targets = _tied_loss_inputs()
+    mesh = _mesh()
+
+    def shard_loss(table, hidden, targets):
+        part = attend_cross_entropy(table, hidden, targets, reduction="sum", chunk_size=2)
+        return jax.lax.psum(part, "x")
+
+    def sharded(table, hidden):
+        total = jax.shard_map(shard_loss, mesh=mesh, in_specs=(P(), P("x"), P("x")), out_specs=P())(
+            table, hidden, targets
+        )
+        return total / targets.size
+
+    got, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(table, hidden)
+    want, want_grads = jax.value_and_grad(
+        lambda t, h: attend_cross_entropy_reference(t, h, targets), argnums=(0, 1)
+    )(table, hidden)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for grad, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+@needs_devices
+def test_tied_loss_of_the_layer_under_jit_with_sharded_tokens():
+    # The same without shard_map: the tokens placed over the mesh, the layer's table
+    # replicated, and jit partitions the chunked loss itself.
+    table, hidden, targets = _tied_loss_inputs()
+    mesh = _mesh()
+    layer = MyEmbed(*table.shape, nnx.Rngs(0))
+    layer.embedding[...] = jax.device_put(table, NamedSharding(mesh, P()))
+    split = NamedSharding(mesh, P("x"))
+    hidden, targets = jax.device_put(hidden, split), jax.device_put(targets, split)
+
+    @nnx.jit
+    def step(layer, hidden):
+        return nnx.value_and_grad(lambda m, h: m.attend_cross_entropy(h, targets), argnums=(0, 1))(
+            layer, hidden
+        )
+
+    got, (layer_grads, hidden_grad) = step(layer, hidden)
+    want, want_grads = jax.value_and_grad(
+        lambda t, h: attend_cross_entropy_reference(t, h, targets), argnums=(0, 1)
+    )(table, hidden)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(layer_grads.embedding[...], want_grads[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(hidden_grad, want_grads[1], rtol=1e-5, atol=1e-7)
+
+
+@needs_devices
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "blocks", [{}, {"chunk_size": 4, "vocab_chunk_size": 3}], ids=["default", "small"]
+)
+def test_vocab_parallel_tied_loss_matches_unsharded(blocks, reduction):
+    # Megatron's cross-entropy: the table's 56 rows split 7 per shard, and each shard's
+    # log-sum-exp and target logit combined by pmax / psum. Under jit, against naive.
+    table, hidden, targets = _tied_loss_inputs(vocab_size=56, per_shard=2)
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    where = jnp.arange(targets.size) % 5 != 3
+    kwargs = {"where": where, "reduction": reduction, "logit_soft_cap": 3.0, "z_loss": 1e-2}
+    weights = 1.0 + jnp.arange(targets.size) / 7
+    mesh = _mesh()
+
+    def scalar(fn):
+        def run(table, hidden):
+            out = fn(table, hidden, targets, **kwargs)
+            return (out * weights).sum() if reduction == "none" else out
+
+        return run
+
+    sharded = scalar(
+        lambda *a, **k: vocab_parallel_attend_cross_entropy(
+            *a, mesh=mesh, axis_name="x", **k, **blocks
+        )
+    )
+    got, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(table, hidden)
+    want, want_grads = jax.value_and_grad(scalar(attend_cross_entropy_reference), argnums=(0, 1))(
+        table, hidden
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for grad, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+    # Only per-token statistics and the hidden gradient cross the shards: no gathers.
+    hlo = jax.jit(jax.grad(sharded)).lower(table, hidden).compile().as_text()
+    assert "all-gather" not in hlo and "all-reduce" in hlo
+
+
+@needs_devices
+def test_vocab_parallel_tied_loss_needs_a_divisible_vocabulary():
+    table, hidden, targets = _tied_loss_inputs(vocab_size=61)
+    with pytest.raises(ValueError, match=r"vocab_size=61 must be a multiple of the 8 shards"):
+        vocab_parallel_attend_cross_entropy(table, hidden, targets, mesh=_mesh(), axis_name="x")
+    with pytest.raises(ValueError, match=r"axis_name='y' must be an axis of the mesh"):
+        vocab_parallel_attend_cross_entropy(table, hidden, targets, mesh=_mesh(), axis_name="y")
 
 
 # --- Plain pytest with JAX already started on one device --------------------------------

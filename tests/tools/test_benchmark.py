@@ -179,3 +179,28 @@ def test_eager_pass_times_every_mode_against_nnx_embed(capsys):
         assert r["vs_nnx"] == pytest.approx(r["median_ms"] / base[r["seq_len"]])
         assert f"{r['provider']:<24} {r['median_ms'] * 1e3:9.1f}" in printed
     assert "B=" not in printed  # The grid did not run.
+
+
+# --- --tied-loss ---------------------------------------------------------------------
+
+
+def test_tied_loss_rows_time_both_forms_and_report_memory():
+    shape = benchmark.Shape(2, 16, 24, 300, "float32")
+    rows = benchmark.measure_tied_loss(shape, warmup=1, repeats=3)
+    keys = [(r["provider"], r["pass_"]) for r in rows]
+    assert sorted(keys) == sorted(
+        (p, q) for p in benchmark.TIED_LOSS_PROVIDERS for q in benchmark.TIED_LOSS_PASSES
+    )
+    medians = {(r["provider"], r["pass_"]): r["median_ms"] for r in rows}
+    for r in rows:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["vs_naive"] == pytest.approx(r["median_ms"] / medians[("naive", r["pass_"])])
+        # Arguments alone: the table, hidden states and targets.
+        assert r["peak_mb"] * 1e6 >= (300 * 24 + 32 * 24 + 32) * 4
+        assert 0 < r["temp_mb"] <= r["peak_mb"]
+        assert r["rel_diff"] < 1e-5  # The fused loss and gradients match naive's.
+
+
+def test_tied_loss_flag_is_parsed():
+    assert benchmark.parse_args(["--tied-loss"]).tied_loss
+    assert not benchmark.parse_args([]).tied_loss
