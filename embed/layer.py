@@ -32,7 +32,7 @@ class MyEmbed(nnx.Module):
       vocab_size: number of rows of the table.
       d_model: width of each row.
       rngs: the ``nnx.Rngs`` whose ``params`` stream draws the table.
-      backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"triton"``; see
+      backend: ``"auto"``, ``"xla"``, ``"pallas"``, ``"triton"`` or ``"mosaic"``; see
         ``embed.dispatch.backend_for`` for what ``"auto"`` picks.
       mode: out-of-range policy, ``"clip"``, ``"fill"`` or ``"error"`` (``embed.ids``).
       fill_value: the row value for ``mode="fill"``.

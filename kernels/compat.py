@@ -64,3 +64,20 @@ def mosaic_gpu_interpret_params():
     if problem:
         raise NotImplementedError(problem)
     return _mosaic_gpu_module().InterpretGPUParams()
+
+
+def tracing_for_gpu() -> bool:
+    """Whether the computation being traced now is meant for a GPU.
+
+    True on a GPU host, and inside an abstract GPU device (``abstract_gpu()``, the way
+    to lower for cuda from a CPU host). The ``mosaic`` backend decides with this at
+    trace time, because ``jax.lax.platform_dependent`` cannot lower for cuda when its
+    other branch is the Mosaic GPU interpreter: the interpreter's ordered IO effect
+    leaves the cuda branch's ``cond`` without the tokens it expects (JAX 0.11.2 and
+    0.12.0.1: "Lowering rule for `cond` returns incorrect set of output tokens").
+    """
+    if jax.default_backend() == "gpu":
+        return True
+    get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    device = getattr(get_abstract_mesh(), "abstract_device", None) if get_abstract_mesh else None
+    return getattr(device, "platform", None) == "gpu"

@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import export
 
 import embed
 from embed import dispatch
+from kernels import compat
 from tests import grid
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -73,3 +75,42 @@ def test_pallas_runs_interpreted_on_cpu():
 def test_triton_without_a_gpu_says_what_is_missing():
     with pytest.raises(RuntimeError, match='"triton" backend needs a CUDA GPU with jax-triton'):
         embed.lookup(jnp.zeros((3, 4)), jnp.array([1]), backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# "mosaic": Pallas on Mosaic GPU, where this JAX has it (kernels.compat decides).
+
+MOSAIC_PROBLEM = compat.mosaic_gpu_problem()
+needs_mosaic = pytest.mark.skipif(MOSAIC_PROBLEM is not None, reason=str(MOSAIC_PROBLEM))
+
+
+@pytest.mark.skipif(MOSAIC_PROBLEM is None, reason="this JAX has the mosaic backend")
+def test_mosaic_without_support_fails_when_the_layer_is_built():
+    with pytest.raises(ValueError, match=r"backend='mosaic' is not available: .*JAX >= 0\.11"):
+        embed.MyEmbed(50, 64, nnx.Rngs(0), backend="mosaic")
+
+
+@needs_mosaic
+def test_mosaic_runs_interpreted_on_cpu_with_its_gradient():
+    table = grid.make_table(50, 64, jnp.float32)
+    ids = jnp.asarray(grid.make_ids(50, 18).reshape(2, 9))
+    layer = embed.MyEmbed(50, 64, nnx.Rngs(0), backend="mosaic")
+    grid.assert_bits_equal(layer(ids), layer.embedding[...][ids])
+    for deterministic in (False, True):
+        grad = jax.grad(
+            lambda t, d=deterministic: embed.lookup(t, ids, backend="mosaic", deterministic=d).sum()
+        )(table)
+        np.testing.assert_array_equal(grad, jax.grad(lambda t: t[ids].sum())(table))
+
+
+@needs_mosaic
+def test_mosaic_cuda_lowering_carries_the_mosaic_gpu_kernel():
+    abstract_device = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"
+    )
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=abstract_device)
+    with jax.sharding.use_abstract_mesh(mesh):  # Until main's compat.lower is merged in.
+        fn = jax.jit(lambda table, ids: embed.lookup(table, ids, backend="mosaic"))
+        traced = fn.trace(*SHAPES)
+    assert "@mosaic_gpu_v2" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "@mosaic_gpu_v2" not in _lowered("mosaic", ("cpu",))
