@@ -18,24 +18,57 @@ from kernels import compat, pallas_gather
 
 BACKENDS = ("auto", "xla", "pallas", "triton", "mosaic")
 
-# What "auto" lowers to on each platform. On CUDA the Pallas kernel owns the backward
-# (a float32 atomic scatter-add), where XLA's scatter-add is reported to fall into a
-# compare-and-swap loop (xla#46225, jax#38806). No GPU figure of ours backs a finer rule
-# yet: docs/benchmarks.md says which measurements exist.
-# "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
-# deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
-# the GPU interpreter, but no timing of it on a GPU exists, so nothing shows it is not
-# slower than "pallas" there; and JAX 0.10.2, which we support, has no such backend.
-# Switch "cuda" to it when tools/gpu_check's figures put it at or ahead of "pallas".
+# What "auto" lowers to on each platform, on every supported JAX (0.10.2 to 0.12.x):
+# - cuda/rocm: the Pallas kernel ("pallas"), which owns the backward as a float32 atomic
+#   scatter-add. The reason is XLA's GPU scatter-add: in jaxlib 0.10.2 and 0.11.0 it falls
+#   into a compare-and-swap loop, 450-2000x slower under contention (openxla/xla#46225,
+#   jax-ml/jax#38806); whether 0.11.1+ fixed it is unconfirmed. On JAX 0.11+ this path
+#   is deprecated upstream (README: "Supported stacks"); where a JAX has turned that
+#   deprecation into an error, "auto" lowers to "xla" instead (``_auto_kernel``).
+#   No GPU figure of ours backs this rule yet: docs/benchmarks.md says which exist.
+# - cpu/tpu: "xla". On CPU the kernels only run interpreted; XLA's gather is the fast path.
+# - "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
+#   deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
+#   the GPU interpreter, but no timing of it on a GPU exists, so nothing shows it is not
+#   slower than "pallas" there; and JAX 0.10.2, which we support, has no such backend.
+#   Switch "cuda" to it when tools/gpu_check's figures put it at or ahead of "pallas".
 AUTO = {"cuda": "pallas", "rocm": "pallas", "cpu": "xla", "tpu": "xla"}
 
 
 def check_backend(backend: str) -> str:
-    """``backend`` if it names a backend this JAX can run, else ValueError saying why."""
     if backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS}")
-    if backend == "mosaic" and (problem := compat.mosaic_gpu_problem()):
-        raise ValueError(f"{backend=} is not available: {problem}")
+    return backend
+
+
+# What each kernel backend needs from the installed stack (kernels/compat.py probes it).
+_PROBLEMS = {
+    "pallas": compat.pallas_triton_problem,
+    "triton": compat.triton_call_problem,
+    "mosaic": compat.mosaic_gpu_problem,
+}
+
+
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on the installed JAX stack, or ``None`` when it can.
+
+    >>> backend_problem("xla") is None
+    True
+    """
+    check_backend(backend)
+    problem = _PROBLEMS.get(backend)
+    return problem() if problem else None
+
+
+def check_backend_usable(backend: str) -> str:
+    """``backend`` if the installed stack can run it; else ``RuntimeError`` saying why.
+
+    Layers call this when they are built, so a backend that cannot run fails there with
+    the versions and the way out, never deep inside jax at the first call.
+    """
+    problem = backend_problem(backend)
+    if problem:
+        raise RuntimeError(f"{backend=} cannot run here: {problem}")
     return backend
 
 
@@ -49,7 +82,14 @@ def backend_for(backend: str, platform: str | None = None) -> str:
     if backend != "auto":
         return backend
     platform = platform or jax.default_backend()
-    return AUTO.get("cuda" if platform == "gpu" else platform, "xla")
+    pick = AUTO.get("cuda" if platform == "gpu" else platform, "xla")
+    return _auto_kernel() if pick != "xla" else pick
+
+
+def _auto_kernel() -> str:
+    """The kernel "auto" uses on a GPU: ``AUTO["cuda"]``, or "xla" if it cannot run here."""
+    kernel = AUTO["cuda"]
+    return kernel if backend_problem(kernel) is None else "xla"
 
 
 def _xla(table, ids):
@@ -88,17 +128,19 @@ def gather(
     by XLA flags (``--xla_gpu_deterministic_ops``).
     """
     check_backend(backend)
-    if backend == "xla":
+    kernel = _auto_kernel() if backend == "auto" else backend
+    if kernel == "xla":
         return _xla(table, ids)
-    kernel = AUTO["cuda"] if backend == "auto" else backend
     gpu = functools.partial(_KERNELS[kernel], deterministic=deterministic)
-    if backend == "triton":
-        return gpu(table, ids)  # jax-triton has no CPU path: no default branch.
+    if backend == "triton":  # jax-triton has no CPU path: no default branch.
+        check_backend_usable(backend)  # A cached probe: a clear error, not one from jax.
+        return gpu(table, ids)
     if backend == "auto":
         default = _xla
     else:  # Off GPU the same Pallas kernel runs in its interpreter.
         default = functools.partial(_KERNELS[kernel], interpret=True, deterministic=deterministic)
     if kernel == "mosaic":
+        check_backend_usable(backend)  # JAX 0.10.2: a clear error, not one from jax.
         # Chosen when traced, not lowered: platform_dependent cannot lower the kernel for
         # cuda beside the interpreter (compat.tracing_for_gpu says why). To lower for
         # cuda on a CPU host, trace under compat.abstract_gpu().

@@ -67,7 +67,7 @@ class MyEmbed(nnx.Module):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.d_model = _positive_int("d_model", d_model)
         _check_table(self.vocab_size, self.d_model, param_dtype)
-        self.backend = dispatch.check_backend(backend)
+        self.backend = dispatch.check_backend_usable(backend)
         self.mode = ids.check_mode(mode)
         self.fill_value = fill_value
         if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):

@@ -1,13 +1,258 @@
-"""The one place that knows which JAX it runs on and adapts to the differences.
+"""The one place that knows which JAX, jax-triton and Triton it runs on.
 
-This branch carries only the Mosaic GPU section; main's ``kernels/compat.py`` (the
-abstract GPU device for cuda lowering, jax-triton, the Pallas Triton deprecation) comes
-first when the two are merged, and this section goes at its end unchanged.
+Supported: jax/jaxlib 0.10.2 to 0.12.x, with Triton 3.6 to 3.9 and jax-triton 0.3.1 or
+0.4.x (README's "Supported stacks"). Every difference between those releases that the
+code depends on is settled here, once, by probing for the feature rather than comparing
+version numbers; callers ask for behaviour ("lower this for cuda", "call this Triton
+kernel with a zeroed output", "can the triton backend run here?"), never for a version.
+
+What differs, and where it is handled:
+
+* Lowering a Pallas kernel for ``cuda`` on a host without a GPU. From JAX 0.11 the Pallas
+  Triton lowering asks for the GPU's compute capability and, with no GPU, raises "No
+  supported GPU devices found, please specify an abstract GPU device". 0.10.2 assumed
+  sm_90. ``abstract_gpu()`` declares an abstract H100 while tracing, which every stack
+  accepts; ``lower()`` uses it.
+* The Pallas Triton backend is deprecated from JAX 0.11 (deprecation id
+  ``jax-pallas-triton``): every lowering warns. ``quiet_pallas_triton_deprecation()``
+  filters that one message for the library's users; ``pallas_triton_problem()`` says
+  when the path is gone (the deprecation turned into an error, or the module removed).
+* jax-triton 0.4 renamed ``out_shape`` to ``out_type`` and deprecated ``zeroed_outputs``
+  in favour of a zeroed buffer passed as a ``jax.new_ref``; ``triton_call()`` speaks
+  both. jax-triton 0.4.1's ``triton_call`` cannot be jitted on JAX 0.12 (its dead-code
+  elimination rule has the old signature); ``triton_call_problem()`` detects that.
+* Triton's CPU interpreter runs kernels on torch tensors; ``triton_interpreter_problem()``
+  says when torch is missing (no CPU torch wheel for Python 3.12 here).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import inspect
+import os
+import warnings
+
 import jax
+import jax.numpy as jnp
+
+# The device that cuda lowering on a GPU-less host is done for: the GPU we tune for.
+DEFAULT_DEVICE_KIND = "NVIDIA H100"
+
+
+# ----------------------------------------------------------------------------------------
+# Lowering for a GPU from a host that has none.
+
+
+def abstract_gpu(device_kind: str = DEFAULT_DEVICE_KIND):
+    """A context in which tracing and lowering for ``cuda`` need no GPU.
+
+    Enter it around the *tracing* (``jax.jit(f).trace(...)``, ``jax.export.export``), not
+    only the lowering: Pallas records the device it was traced for. On stacks without
+    abstract devices it is a no-op, and such stacks lower for sm_90 with no GPU anyway.
+
+    >>> with abstract_gpu():
+    ...     lowered = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",))  # doctest: +SKIP
+    """
+    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
+    if abstract_device is None or not hasattr(jax.sharding, "use_abstract_mesh"):
+        return contextlib.nullcontext()
+    device = abstract_device(device_kind=device_kind, num_cores=None, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def lower(fn, *args, platforms=("cuda",), device_kind: str = DEFAULT_DEVICE_KIND):
+    """``jax.jit(fn).trace(*args).lower(lowering_platforms=platforms)``, from any host.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s. With ``"cuda"`` among
+    ``platforms`` the tracing happens under ``abstract_gpu(device_kind)``.
+    """
+    platforms = tuple(platforms)
+    context = abstract_gpu(device_kind) if "cuda" in platforms else contextlib.nullcontext()
+    with context:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=platforms)
+
+
+# ----------------------------------------------------------------------------------------
+# The Pallas Triton backend (deprecated from JAX 0.11).
+
+PALLAS_TRITON_DEPRECATION = "jax-pallas-triton"
+# The start of the message JAX 0.11 and 0.12 warn with on every Pallas Triton lowering.
+_PALLAS_TRITON_MESSAGE = "The Pallas Triton backend is deprecated"
+
+
+def _deprecations():
+    try:
+        return importlib.import_module("jax._src.deprecations")
+    except ImportError:
+        return None
+
+
+def pallas_triton_deprecated() -> bool:
+    """Whether this JAX registers the Pallas Triton deprecation (0.11 and later)."""
+    deprecations = _deprecations()
+    registered = getattr(deprecations, "_registered_deprecations", {})
+    return PALLAS_TRITON_DEPRECATION in registered
+
+
+def pallas_triton_problem() -> str | None:
+    """Why Pallas on Triton cannot lower here, or ``None`` when it can.
+
+    It cannot once JAX has removed the module or turned the deprecation into an error
+    (``jax._src.deprecations.accelerate("jax-pallas-triton")``, which JAX does before it
+    removes a path).
+    """
+    way_out = 'use backend="mosaic" (Pallas on Mosaic GPU), "triton" or "xla"'
+    try:
+        importlib.import_module("jax.experimental.pallas.triton")
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no Pallas Triton backend ({e}); {way_out}"
+    deprecations = _deprecations()
+    if pallas_triton_deprecated() and deprecations.is_accelerated(PALLAS_TRITON_DEPRECATION):
+        return (
+            f"this JAX ({jax.__version__}) has turned the Pallas Triton deprecation "
+            f"({PALLAS_TRITON_DEPRECATION!r}) into an error; {way_out}"
+        )
+    return None
+
+
+def quiet_pallas_triton_deprecation() -> None:
+    """Keep JAX's Pallas Triton deprecation warning away from the library's users.
+
+    Called where the library uses that API (``kernels/pallas_gather.py``). The warning
+    is raised while the *user's* program is lowered, out of reach of a
+    ``warnings.catch_warnings`` around our own calls, so this adds one filter for that
+    exact message; nothing else is hidden. README says what replaces the path.
+    """
+    if pallas_triton_deprecated():
+        warnings.filterwarnings(
+            "ignore", message=_PALLAS_TRITON_MESSAGE, category=DeprecationWarning
+        )
+
+
+@contextlib.contextmanager
+def pallas_triton_deprecation_accelerated():
+    """Simulate the JAX release that turns the deprecation into an error (for tests)."""
+    deprecations = _deprecations()
+    state = deprecations._registered_deprecations[PALLAS_TRITON_DEPRECATION]
+    before = state.accelerated
+    state.accelerated = True
+    try:
+        yield
+    finally:
+        state.accelerated = before
+
+
+# ----------------------------------------------------------------------------------------
+# jax-triton.
+
+
+def import_jax_triton():
+    """``jax_triton``, or a ``RuntimeError`` that says what is missing.
+
+    jax_triton sets ``TRITON_CACHE_DIR=""`` while importing, before it checks for a CUDA
+    jaxlib; a failed import must not leave Triton without a cache for everyone else.
+    """
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")
+    try:
+        import jax_triton
+    except ImportError as e:
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
+        raise RuntimeError(
+            'The "triton" backend needs a CUDA GPU with jax-triton and a CUDA jaxlib; '
+            f"importing jax_triton failed: {e!r}"
+        ) from e
+    return jax_triton
+
+
+def _version(module) -> str:
+    return getattr(module, "__version__", None) or getattr(
+        getattr(module, "version", None), "__version__", "unknown"
+    )
+
+
+@functools.cache
+def _triton_call_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(import_jax_triton().triton_call).parameters)
+
+
+def _refs_for_outputs() -> bool:
+    """jax-triton 0.4 and later: a zeroed output is a zeroed ``jax.new_ref`` argument."""
+    return "out_type" in _triton_call_parameters() and hasattr(jax, "new_ref")
+
+
+def triton_call(*args, kernel, out_shape: jax.ShapeDtypeStruct, zeroed: bool = False, **kwargs):
+    """``jax_triton.triton_call`` with one output, on jax-triton 0.3 and 0.4 alike.
+
+    ``zeroed=True`` asks for an output that is zero when the kernel starts (an
+    accumulator): jax-triton 0.3's ``zeroed_outputs``, or from 0.4 on a zeroed buffer
+    passed as a ``jax.new_ref`` in the output's place, which 0.4 asks for instead.
+    """
+    jt = import_jax_triton()
+    if zeroed and _refs_for_outputs():
+        out = jax.new_ref(jnp.zeros(out_shape.shape, out_shape.dtype))
+        jt.triton_call(*args, out, kernel=kernel, out_type=(), **kwargs)
+        return out[...]
+    key = "out_type" if "out_type" in _triton_call_parameters() else "out_shape"
+    if zeroed:
+        kwargs["zeroed_outputs"] = (0,)
+    return jt.triton_call(*args, kernel=kernel, **{key: out_shape}, **kwargs)
+
+
+@functools.cache
+def triton_call_problem() -> str | None:
+    """Why the raw Triton backend cannot run here, or ``None`` when it can.
+
+    Checked when a layer with ``backend="triton"`` is built, so the user gets this
+    message instead of an error from deep inside jax. Probes, once per process:
+    that jax_triton imports, and that a jitted ``triton_call`` survives JAX's dead-code
+    elimination (jax-triton 0.4.1's rule takes two arguments; JAX 0.12 passes three).
+    """
+    try:
+        jt = import_jax_triton()
+    except RuntimeError as e:
+        return str(e)
+    from kernels import _compat_probe  # A @triton.jit kernel must live in a file.
+
+    shape = jax.ShapeDtypeStruct((16,), jnp.float32)
+    jaxpr = jax.make_jaxpr(
+        lambda x: triton_call(x, kernel=_compat_probe.copy_kernel, out_shape=shape, grid=(1,), N=16)
+    )(shape)
+    try:
+        pe = importlib.import_module("jax._src.interpreters.partial_eval")
+        pe.dce_jaxpr(jaxpr.jaxpr, [True])
+    except TypeError as e:
+        return (
+            f"jax_triton.triton_call cannot be jitted with jax {jax.__version__} and "
+            f"jax-triton {_version(jt)} (jax-triton's dead-code-elimination rule does not "
+            f"match this JAX: {e}). Use a jax-triton release that supports this JAX, or "
+            "a JAX before 0.12 (jax 0.11.2 with jax-triton 0.3.1 is tested)"
+        )
+    except ImportError:
+        pass  # JAX moved its internals: nothing known to be broken.
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# Triton's CPU interpreter.
+
+
+def triton_interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter (``TRITON_INTERPRET=1``) cannot run, or ``None``."""
+    try:
+        importlib.import_module("torch")
+    except ImportError:
+        return (
+            "Triton's CPU interpreter runs kernels on torch tensors and torch is not "
+            "installed (no CPU torch wheel for this Python here; the 3.11 stack has one)"
+        )
+    return None
+
 
 # ----------------------------------------------------------------------------------------
 # Mosaic GPU (``jax.experimental.pallas.mosaic_gpu``): the ``mosaic`` backend.

@@ -19,10 +19,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels import compat
 from kernels.common import check_backward_operands as _check_backward_operands
 from kernels.common import check_operands as _check_operands
 from kernels.common import pad_columns, segments
 from kernels.reference import in_vocab, wrap_and_clamp
+
+# From JAX 0.11 every lowering of this module's kernels warns that Pallas on Triton is
+# deprecated; the warning is ours to handle, not our users' (README: "Supported stacks").
+compat.quiet_pallas_triton_deprecation()
 
 # Bytes of table data one program moves: enough to hide latency, small enough to keep
 # many programs in flight for short sequences.

@@ -28,7 +28,6 @@ become 128-bit vectors. This costs at most four compiled variants per dtype (``V
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels import pallas_gather
+from kernels import compat, pallas_gather
 from kernels.reference import check_dtype
 
 # Bytes of one vector access: the widest global load/store (ld.global.v4.b32).
@@ -220,24 +219,6 @@ def _check_sizes(num_tokens: int, vocab_size: int, d_model: int, block_t: int) -
         raise ValueError(f"{num_tokens=} must be below 2**31 - {block_t} (block_t)")
 
 
-def _import_jax_triton():
-    # jax_triton sets TRITON_CACHE_DIR="" while importing, before it checks for a CUDA
-    # jaxlib; a failed import must not leave Triton without a cache for everyone else.
-    cache_dir = os.environ.get("TRITON_CACHE_DIR")
-    try:
-        import jax_triton
-    except ImportError as e:
-        if cache_dir is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = cache_dir
-        raise RuntimeError(
-            'The "triton" backend needs a CUDA GPU with jax-triton and a CUDA jaxlib; '
-            f"importing jax_triton failed: {e!r}"
-        ) from e
-    return jax_triton
-
-
 # ----------------------------------------------------------------------------------------
 # Launchers.
 
@@ -274,12 +255,11 @@ def gather(
     out_shape = jax.ShapeDtypeStruct((num_tokens, d_model), table.dtype)
     if num_tokens == 0 or d_model == 0:
         return jnp.zeros(out_shape.shape, out_shape.dtype)
-    jt = _import_jax_triton()
     grid = (
         triton.cdiv(num_tokens, cfg["BLOCK_T"]),
         triton.cdiv(d_model, cfg["BLOCK_D"]),
     )
-    return jt.triton_call(
+    return compat.triton_call(
         ids,
         table,
         num_tokens,
@@ -329,12 +309,11 @@ def scatter_add(
     _check_sizes(num_tokens, vocab_size, d_model, cfg["BLOCK_T"])
     if num_tokens == 0 or d_model == 0:
         return jnp.zeros((vocab_size, d_model), grad_out.dtype)
-    jt = _import_jax_triton()
     grid = (
         triton.cdiv(num_tokens, cfg["BLOCK_T"]),
         triton.cdiv(d_model, cfg["BLOCK_D"]),
     )
-    acc = jt.triton_call(
+    acc = compat.triton_call(
         grad_out,
         ids,
         num_tokens,
@@ -343,7 +322,7 @@ def scatter_add(
         kernel=_scatter_add_kernel,
         out_shape=jax.ShapeDtypeStruct((vocab_size, d_model), jnp.float32),
         grid=grid,
-        zeroed_outputs=(0,),
+        zeroed=True,
         name="triton_embedding_scatter_add",
         **cfg,
     )

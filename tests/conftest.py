@@ -12,6 +12,11 @@ import pytest
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bazel test --config=gpu)")
     config.addinivalue_line("markers", "large: needs several GB of memory (--config=large)")
+    # pytest turns every DeprecationWarning on, over the filter the library installs for
+    # this one (kernels/compat.py); tests/kernels/test_compat.py checks that filter.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,6 +15,9 @@ NUM_TOKENS = (0, 1, 7, 129, 1000)
 
 INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
+# The custom call a Pallas-on-Triton kernel lowers to for cuda.
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
 
 def edge_ids(vocab_size: int) -> list[int]:
     """Ids at and past every boundary of the clip semantics."""

@@ -278,12 +278,9 @@ def skip_reason(provider: str, shape: Shape, platform: str) -> str | None:
     if provider == "triton":
         if platform != "gpu":
             return f"needs a CUDA GPU (platform is {platform})"
-        try:
-            from kernels import triton_gather
-
-            triton_gather._import_jax_triton()
-        except Exception as e:  # Any import failure is a reason to skip, printed.
-            return f"kernels.triton_gather / jax_triton unavailable: {type(e).__name__}: {e}"
+        problem = embed.backend_problem("triton")
+        if problem:
+            return problem
     return None
 
 

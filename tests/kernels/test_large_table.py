@@ -19,10 +19,9 @@ from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 
 import embed
-from kernels import pallas_gather
+from kernels import compat, pallas_gather
 from tests import grid
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
 # A bfloat16 table one row of 1024 past the 2**31-element boundary, plus 7 more rows.
 LARGE_VOCAB, LARGE_D = 2**21 + 8, 1024
 
@@ -33,7 +32,7 @@ def _triton_modules(fn, *args) -> list[str]:
     The IR travels as MLIR bytecode in the custom call's ``ir`` field; it is parsed back
     as generic MLIR: exactly what XLA hands to Triton.
     """
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = compat.lower(fn, *args)
     calls = []
 
     def walk(op):
@@ -47,7 +46,7 @@ def _triton_modules(fn, *args) -> list[str]:
     walk(lowered.compiler_ir("stablehlo").operation)
     texts = []
     for call in calls:
-        if ir.StringAttr(call.attributes["call_target_name"]).value != TRITON_CALL:
+        if ir.StringAttr(call.attributes["call_target_name"]).value != grid.TRITON_CALL:
             continue
         config = ir.DictAttr(call.attributes["mhlo.backend_config"])
         bytecode = ir.StringAttr(config["ir"]).value_bytes

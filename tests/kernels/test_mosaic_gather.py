@@ -9,7 +9,6 @@ read-add-write there (``kernels/mosaic_gather.py``), and only a GPU runs the TMA
 reduction itself (``tests/embed/test_gpu.py``).
 """
 
-import contextlib
 import functools
 
 import jax
@@ -174,20 +173,8 @@ def test_out_of_range_ids_add_nothing_to_the_gradient(deterministic):
 # Lowering for cuda on this CPU host: the Mosaic GPU custom call, for each kernel.
 
 
-def _abstract_h100():
-    # Until main's kernels/compat.lower lands in this branch: the same abstract device.
-    abstract_device = getattr(jax.sharding, "AbstractDevice", None)
-    if abstract_device is None:
-        return contextlib.nullcontext()
-    device = abstract_device(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
-    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device))
-
-
 def _lower(fn, *args, platforms=("cuda",)):
-    context = _abstract_h100() if "cuda" in platforms else contextlib.nullcontext()
-    with context:
-        traced = jax.jit(fn).trace(*args)
-    return traced.lower(lowering_platforms=platforms).as_text()
+    return compat.lower(fn, *args, platforms=platforms).as_text()
 
 
 def _grad(deterministic):

@@ -4,13 +4,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import pallas_gather
-
-TRITON_CALL = "__gpu$xla.gpu.triton"
+from kernels import compat, pallas_gather
+from tests import grid
 
 
 def _lower_for(platforms, fn, *shapes):
-    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=platforms).as_text()
+    return compat.lower(fn, *shapes, platforms=platforms).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -22,7 +21,7 @@ def test_gather_lowers_to_a_triton_call_for_cuda(dtype, vocab_size, d_model, num
         jax.ShapeDtypeStruct((vocab_size, d_model), dtype),
         jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
     )
-    assert text.count(TRITON_CALL) == 1
+    assert text.count(grid.TRITON_CALL) == 1
     assert 'name = "embedding_gather_block_t_' in text
 
 
@@ -36,7 +35,7 @@ def test_backward_lowers_to_a_triton_call_for_cuda():
         jax.ShapeDtypeStruct((50, 129), jnp.bfloat16),
         jax.ShapeDtypeStruct((77,), jnp.int32),
     )
-    assert text.count(TRITON_CALL) == 1
+    assert text.count(grid.TRITON_CALL) == 1
     assert 'name = "embedding_scatter_add_block_t_' in text
 
 
@@ -47,4 +46,4 @@ def test_cpu_lowering_of_interpret_mode_has_no_triton_call():
         jax.ShapeDtypeStruct((7, 5), jnp.float32),
         jax.ShapeDtypeStruct((3,), jnp.int32),
     )
-    assert TRITON_CALL not in text
+    assert grid.TRITON_CALL not in text
