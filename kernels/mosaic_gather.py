@@ -275,10 +275,10 @@ def _segment_sum_kernel(
     grad_gmem,  # [padded_vocab, padded_d] float32
     starts_smem,  # [block_v] int32
     ends_smem,  # [block_v] int32
-    token_smem,  # [1, block_d] float32
+    token_smem,  # [2, 1, block_d] float32: two slots, one filling while one is added
     grad_smem,  # [block_v, block_d] float32
     bounds_barrier,  # two copies: starts and ends
-    token_barrier,  # one copy
+    token_barriers,  # [2]: one copy each, one per slot
 ):
     block_v, block_d = grad_smem.shape
     rows = pl.ds(jax.lax.axis_index("v") * block_v, block_v)
@@ -287,16 +287,33 @@ def _segment_sum_kernel(
     plgpu.copy_gmem_to_smem(ends_gmem.at[rows], ends_smem, bounds_barrier)
     plgpu.barrier_wait(bounds_barrier)
 
+    def fetch(k, slot):
+        plgpu.copy_gmem_to_smem(
+            sorted_gmem.at[pl.ds(k, 1), cols], token_smem.at[slot], token_barriers.at[slot]
+        )
+
     # Each row's gradient rows are added left to right in token order (a stable sort),
-    # one float32 accumulator per column: one fixed order, whatever the tiling.
+    # one float32 accumulator per column: one fixed order, whatever the tiling. The
+    # next row's copy is in flight while the current one is added.
     def sum_row(r, carry):
+        start, end = starts_smem[r], ends_smem[r]
+
+        @pl.when(start < end)
+        def _():
+            fetch(start, 0)
+
         def add_token(k, acc):
-            plgpu.copy_gmem_to_smem(sorted_gmem.at[pl.ds(k, 1), cols], token_smem, token_barrier)
-            plgpu.barrier_wait(token_barrier)
-            return acc + token_smem[0, :]
+            slot = (k - start) % 2
+
+            @pl.when(k + 1 < end)
+            def _():
+                fetch(k + 1, 1 - slot)
+
+            plgpu.barrier_wait(token_barriers.at[slot])
+            return acc + token_smem[slot, 0, :]
 
         zeros = jnp.zeros((block_d,), jnp.float32)
-        grad_smem[r, :] = jax.lax.fori_loop(starts_smem[r], ends_smem[r], add_token, zeros)
+        grad_smem[r, :] = jax.lax.fori_loop(start, end, add_token, zeros)
         return carry
 
     jax.lax.fori_loop(0, block_v, sum_row, None)
@@ -343,10 +360,10 @@ def segment_sum(
         scratch_types=[
             plgpu.SMEM((block_v,), jnp.int32),
             plgpu.SMEM((block_v,), jnp.int32),
-            plgpu.SMEM((1, block_d), jnp.float32),
+            plgpu.SMEM((2, 1, block_d), jnp.float32),
             plgpu.SMEM((block_v, block_d), jnp.float32),
             plgpu.Barrier(num_arrivals=2),
-            plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2),
         ],
         grid=(padded_vocab // block_v, padded_d // block_d),
         grid_names=("v", "d"),
