@@ -123,7 +123,7 @@ def gather(
     ``deterministic=True`` makes the kernels' backward sort-based and bit-reproducible
     (``pallas_gather.segment_sum``, ``mosaic_gather.segment_sum``). ``"mosaic"`` runs its
     kernel when traced for a GPU (Mosaic GPU is NVIDIA's; a CPU host traces for one
-    inside ``compat.abstract_gpu()``) and the Mosaic GPU interpreter otherwise. The
+    inside ``embed.abstract_gpu()``) and the Mosaic GPU interpreter otherwise. The
     ``"xla"`` path ignores ``deterministic``: XLA's own scatter determinism is governed
     by XLA flags (``--xla_gpu_deterministic_ops``).
     """
@@ -143,7 +143,7 @@ def gather(
         check_backend_usable(backend)  # JAX 0.10.2: a clear error, not one from jax.
         # Chosen when traced, not lowered: platform_dependent cannot lower the kernel for
         # cuda beside the interpreter (compat.tracing_for_gpu says why). To lower for
-        # cuda on a CPU host, trace under compat.abstract_gpu().
+        # cuda on a CPU host, trace under embed.abstract_gpu().
         return gpu(table, ids) if compat.tracing_for_gpu() else default(table, ids)
     return jax.lax.platform_dependent(table, ids, cuda=gpu, rocm=gpu, default=default)
 

@@ -45,6 +45,7 @@ Example:
     python tools/benchmark.py                      # quick grid, ~1 minute on 2 CPU cores
     python tools/benchmark.py --shape 1,2048,4096,32000 --providers xla,xla_rows,copy
     python tools/benchmark.py --grid full --ids both --csv out.csv --plot out.png
+    python tools/benchmark.py --grid gpu --passes fwd,bwd --choose --max-seconds 150
 """
 
 from __future__ import annotations
@@ -161,6 +162,29 @@ def full_grid(id_distributions: Sequence[str]) -> list[Shape]:
             FULL_BTD, FULL_VOCAB, FULL_DTYPES, id_distributions
         )
     ]
+
+
+# The GPU grid (``--grid gpu``, what tools/gpu_check runs): one axis at a time around a
+# base shape of 8192 tokens, D=1024, V=32768; every point in float32 and bfloat16, the
+# base and the extremes with Zipf ids too. It is ordered by priority, so that a run cut
+# short by ``--max-seconds`` still has the base and the sweeps' first points.
+GPU_BASE = (4, 2048, 1024, 32768)
+GPU_D_MODELS = (64, 256, 1024, 4096, 8192)
+GPU_BATCH_SEQ = ((1, 1024), (4, 2048), (16, 4096))  # 1024, 8192 and 65536 tokens.
+GPU_VOCABS = (8192, 32768, 262144)
+
+
+def gpu_grid(id_distributions: Sequence[str] = ID_DISTRIBUTIONS) -> list[Shape]:
+    b0, t0, d0, v0 = GPU_BASE
+    sweeps = [(b0, t0, d, v0) for d in GPU_D_MODELS]
+    sweeps += [(b, t, d0, v0) for b, t in GPU_BATCH_SEQ]
+    sweeps += [(b0, t0, d0, v) for v in GPU_VOCABS]
+    (b_max, t_max), d_max, v_max = GPU_BATCH_SEQ[-1], GPU_D_MODELS[-1], GPU_VOCABS[-1]
+    extremes = [(b0, t0, d_max, v0), (b_max, t_max, d0, v0), (b0, t0, d0, v_max)]
+    shapes = [Shape(*GPU_BASE, dt, ids) for ids in ID_DISTRIBUTIONS for dt in FULL_DTYPES]
+    shapes += [Shape(*p, dt, "uniform") for p in sweeps for dt in FULL_DTYPES]
+    shapes += [Shape(*p, "bfloat16", "zipf") for p in extremes]
+    return [s for s in dict.fromkeys(shapes) if s.ids in id_distributions]
 
 
 def bytes_moved(shape: Shape, pass_: str) -> int:
@@ -618,7 +642,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Time every embedding backend against xla and a device copy.",
     )
-    p.add_argument("--grid", choices=("quick", "full"), default="quick")
+    p.add_argument("--grid", choices=("quick", "full", "gpu"), default="quick")
     p.add_argument("--shape", type=parse_shape, action="append", help="B,T,D,V (repeatable)")
     p.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="(repeatable)")
     p.add_argument(
@@ -638,6 +662,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PATH", help="PNG of GB/s against bytes")
     p.add_argument("--choose", action="store_true", help='print what "auto" picks, and why')
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        metavar="S",
+        help="stop starting new shapes once the next would end past S seconds; the "
+        "shapes left are reported as skipped (tools/gpu_check's time limit)",
+    )
     p.add_argument(
         "--sharded",
         type=int,
@@ -666,8 +697,9 @@ def shapes_from_args(args: argparse.Namespace) -> list[Shape]:
             Shape(*s, dtype, ids)
             for s, dtype, ids in itertools.product(args.shape, dtypes, dists or ["uniform"])
         ]
-    if args.grid == "full":
-        grid = full_grid(dists or ID_DISTRIBUTIONS)
+    if args.grid in ("full", "gpu"):
+        make = full_grid if args.grid == "full" else gpu_grid
+        grid = make(dists or ID_DISTRIBUTIONS)
         return [s for s in grid if not args.dtype or s.dtype in args.dtype]
     grid = list(QUICK_GRID)
     if args.dtype:
@@ -751,9 +783,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
         progress = tqdm(total=len(shapes), file=sys.stderr, unit="shape", leave=False)
     rows = []
+    start, slowest = time.monotonic(), 0.0
     for shape in shapes:
         if progress is not None:
             progress.set_description(str(shape))
+        shape_start = time.monotonic()
+        if args.max_seconds is not None and shape_start + slowest - start > args.max_seconds:
+            reason = f"time budget: --max-seconds {args.max_seconds:g} reached"
+            cases = [Case(p, q, None, (), skip=reason) for q in args.passes for p in args.providers]
+            rows.extend(rows_for_shape(shape, cases, platform, meta))
+            continue
         cases = measure_shape(
             shape,
             providers=args.providers,
@@ -765,6 +804,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
         meta["timestamp"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         rows.extend(rows_for_shape(shape, cases, platform, meta))
+        slowest = max(slowest, time.monotonic() - shape_start)
         if progress is not None:
             progress.update()
     if progress is not None:

@@ -2,10 +2,11 @@
 
 Usage: lint_runner.py RUFF CONFIG   (runfiles-relative paths)
 
-It lints every *.py file of this repo in its runfiles, i.e. the lint test's
-data: //:all_py and the per-package targets listed in tools/BUILD. As a guard,
-it also lists the *.py files of the source tree (found through the runfiles'
-links) and fails if some are not among its inputs, naming the packages to add.
+It lints every *.py file and Python script (by shebang) of this repo in its
+runfiles, i.e. the lint test's data: //:all_py and the per-package targets listed
+in tools/BUILD. As a guard, it also lists the Python files of the source tree
+(found through the runfiles' links) and fails if some are not among its inputs,
+naming the packages to add.
 """
 
 import os
@@ -13,12 +14,23 @@ import subprocess
 import sys
 
 
+def _is_python(path: str) -> bool:
+    """A *.py file, or an extensionless script whose shebang runs Python (tools/gpu_check)."""
+    if path.endswith(".py"):
+        return True
+    if "." in os.path.basename(path):
+        return False
+    with open(path, "rb") as f:
+        first = f.readline(200)
+    return first.startswith(b"#!") and b"python" in first
+
+
 def _py_files(top: str, skip: tuple[str, ...]) -> set[str]:
     found = set()
     for dirpath, dirnames, filenames in os.walk(top):
         dirnames[:] = [d for d in dirnames if not d.startswith(skip)]
         for f in filenames:
-            if f.endswith(".py"):
+            if _is_python(os.path.join(dirpath, f)):
                 found.add(os.path.relpath(os.path.join(dirpath, f), top))
     return found
 
@@ -26,8 +38,14 @@ def _py_files(top: str, skip: tuple[str, ...]) -> set[str]:
 def main(argv: list[str]) -> int:
     ruff, config = argv
     skip = (".", "bazel-", "__pycache__", "external")
-    files = sorted(_py_files(".", skip))  # cwd: <runfiles>/<workspace>
     src_root = os.path.dirname(os.path.realpath(config))
+    # cwd: <runfiles>/<workspace>. Only files from the source tree: Bazel's generated
+    # py_binary launchers are Python scripts too.
+    files = sorted(
+        f
+        for f in _py_files(".", skip)
+        if os.path.realpath(f).startswith(os.path.join(src_root, ""))
+    )
     missing = sorted(_py_files(src_root, skip) - set(files))
     if missing:
         pkgs = sorted({os.path.dirname(m) or "(root)" for m in missing})

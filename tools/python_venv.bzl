@@ -1,6 +1,7 @@
 """python_venv: a Python toolchain made from a venv built from a hash-pinned lock.
 
-At fetch time the rule runs `python3 -m venv` in its repository directory, then
+At fetch time the rule finds CPython `python_version` (_find_python: an environment
+variable, PATH, or pyenv's installs), runs `python -m venv` in its repository directory, then
 `pip install --require-hashes --no-deps -r <lock>` into it (pip's own index,
 --find-links and constraints from pip.conf apply). The repository it makes has:
 
@@ -19,7 +20,7 @@ invalidated too.
 Usage (WORKSPACE):
 
     load("//tools:python_venv.bzl", "python_venv")
-    python_venv(name = "py_venv", lock = "//:requirements_lock.txt")
+    python_venv(name = "py_venv", lock = "//:requirements_lock.txt", python_version = "3.11")
     register_toolchains("@py_venv//:python_toolchain")
 """
 
@@ -89,18 +90,58 @@ def _run(rctx, args, what, timeout):
         ))
     return res
 
+def _version_key(name):
+    """Sort key of a version directory name such as "3.12.1" (non-numbers sort first)."""
+    return [int(part) if part.isdigit() else -1 for part in name.split(".")]
+
+def _find_python(rctx):
+    """The interpreter for rctx.attr.python_version, found without a hard-coded path.
+
+    In order: $EMBED_PYTHON_<major>_<minor> (e.g. EMBED_PYTHON_3_12=/usr/bin/python3.12),
+    python<major>.<minor> on PATH, then pyenv's installs ($PYENV_ROOT, else ~/.pyenv,
+    newest patch release first). pyenv puts only its global version on PATH, and its
+    shim for another version exits with an error, so each candidate is run and must
+    report the wanted version.
+    """
+    version = rctx.attr.python_version
+    variable = "EMBED_PYTHON_" + version.replace(".", "_")
+    candidates = []
+    if rctx.os.environ.get(variable):
+        candidates.append(rctx.os.environ[variable])
+    on_path = rctx.which("python" + version)
+    if on_path:
+        candidates.append(str(on_path))
+    home = rctx.os.environ.get("HOME", "")
+    pyenv_root = rctx.os.environ.get("PYENV_ROOT") or (home + "/.pyenv" if home else "")
+    versions = rctx.path(pyenv_root + "/versions") if pyenv_root else None
+    if versions and versions.exists:
+        installs = [d.basename for d in versions.readdir() if d.basename.startswith(version + ".")]
+        for name in sorted(installs, key = _version_key, reverse = True):
+            candidates.append("{}/{}/bin/python{}".format(versions, name, version))
+    probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+    for candidate in candidates:
+        res = rctx.execute([candidate, "-c", probe], timeout = 60, quiet = True)
+        if res.return_code == 0 and res.stdout.strip() == version:
+            return candidate
+    fail("""python_venv({name}): no CPython {version} found for {lock}.
+Tried: {tried}
+Provide one of:
+  - python{version} on PATH (e.g. apt-get install python{version}, where Debian has it);
+  - pyenv: `pyenv install {version}` (found in $PYENV_ROOT or ~/.pyenv/versions);
+  - {variable}=/path/to/python{version} in the environment of `bazel`.""".format(
+        name = rctx.attr.name,
+        version = version,
+        lock = rctx.attr.lock,
+        tried = ", ".join(candidates) or "nothing",
+        variable = variable,
+    ))
+
 def _python_venv_impl(rctx):
     # Reading the lock through rctx makes it an input of this repository.
     lock = rctx.path(rctx.attr.lock)
     lock_text = rctx.read(lock)
 
-    python = rctx.attr.python
-    if "/" not in python:
-        found = rctx.which(python)
-        if not found:
-            fail("python_venv: '{}' not found on PATH".format(python))
-        python = str(found)
-
+    python = _find_python(rctx)
     sha = _run(rctx, [python, "-c", _SHA256_PY, str(lock)], "sha256 of the lock", 60).stdout.strip()
     rctx.file("lock.sha256", sha + "\n", executable = False)
 
@@ -155,9 +196,9 @@ python_venv = repository_rule(
             allow_single_file = True,
             doc = "Hash-pinned requirements lock (pip install --require-hashes --no-deps -r).",
         ),
-        "python": attr.string(
-            default = "python3",
-            doc = "Interpreter that creates the venv: a name looked up on PATH, or an absolute path.",
+        "python_version": attr.string(
+            mandatory = True,
+            doc = "The CPython 'major.minor' the lock is for; the interpreter is found by _find_python.",
         ),
         "timeout": attr.int(
             default = 3600,
@@ -166,6 +207,15 @@ python_venv = repository_rule(
     },
     # Re-create the venv when these pip settings change (PATH is left out on
     # purpose: shells differ in it, and a rebuild costs minutes).
-    environ = ["PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONSTRAINT"],
+    environ = [
+        "PIP_INDEX_URL",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_FIND_LINKS",
+        "PIP_CONSTRAINT",
+        "PYENV_ROOT",
+        "EMBED_PYTHON_3_11",
+        "EMBED_PYTHON_3_12",
+        "EMBED_PYTHON_3_13",
+    ],
     doc = "Creates a venv from a hash-pinned lock and a PY3 toolchain that uses it.",
 )

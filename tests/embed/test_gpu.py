@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import checkify
 
 import embed
 from kernels import compat, reference
@@ -57,6 +58,73 @@ def test_layer_under_nnx_jit(backend):
     ids = jnp.asarray(grid.make_ids(50257, 2048).reshape(2, 1024))
     out = nnx.jit(lambda m, x: m(x))(layer, ids)
     grid.assert_bits_equal(out, layer.embedding[...][ids])
+
+
+# --- Out-of-range ids: each mode, every kernel, against numpy ----------------------------
+# tools/gpu_check also runs these (``-k out_of_range``) under compute-sanitizer's memcheck:
+# the kernels must neither read nor write outside the table, whatever the ids.
+
+
+def _expected_rows(table, ids, mode):
+    """The documented policy in numpy: wrap ``[-V, 0)``, clamp or fill the rest."""
+    vocab_size = table.shape[0]
+    inside = (ids >= -vocab_size) & (ids < vocab_size)
+    rows = np.clip(np.where(ids < 0, ids + vocab_size, ids), 0, vocab_size - 1)
+    expected = np.asarray(table)[rows]
+    if mode == "fill":
+        expected[~inside] = np.nan
+    return expected
+
+
+@pytest.mark.parametrize("mode", ["clip", "fill"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_out_of_range_modes_are_bit_identical_to_xla(backend, mode, dtype):
+    vocab_size, d_model = 1000, 129
+    table = grid.make_table(vocab_size, d_model, dtype)
+    ids = grid.make_ids(vocab_size, 4096)  # The edges, then half of them out of range.
+    out = jax.jit(lambda t, i: embed.lookup(t, i, backend=backend, mode=mode))(table, ids)
+    grid.assert_bits_equal(out, embed.lookup(table, ids, backend="xla", mode=mode))
+    grid.assert_bits_equal(out, _expected_rows(table, ids, mode))
+
+
+@pytest.mark.parametrize("mode", ["clip", "fill"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_out_of_range_ids_get_no_gradient(backend, mode):
+    vocab_size, d_model, num_tokens = 97, 64, 4096
+    table = grid.make_table(vocab_size, d_model, jnp.float32)
+    ids = grid.make_ids(vocab_size, num_tokens)
+    cotangent = np.asarray(jax.random.normal(jax.random.key(2), (num_tokens, d_model)))
+
+    inside = (ids >= -vocab_size) & (ids < vocab_size)
+    expected = np.zeros((vocab_size, d_model), np.float32)
+    np.add.at(expected, ids[inside] % vocab_size, cotangent[inside])
+    actual = jax.jit(
+        jax.grad(lambda t: jnp.vdot(embed.lookup(t, ids, backend=backend, mode=mode), cotangent))
+    )(table)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_out_of_range_error_mode_raises_eagerly_and_under_jit(backend):
+    vocab_size = 1000
+    table = grid.make_table(vocab_size, 64, jnp.float32)
+    good = np.array([0, vocab_size - 1, -1, -vocab_size], np.int32)
+    bad = np.array([0, 5, vocab_size + 3, -1], np.int32)
+    grid.assert_bits_equal(
+        embed.lookup(table, good, backend=backend, mode="error"),
+        _expected_rows(table, good, "clip"),
+    )
+    with pytest.raises(IndexError, match=rf"token id {vocab_size + 3} at position \(2,\)"):
+        embed.lookup(table, bad, backend=backend, mode="error")
+    checked = jax.jit(
+        checkify.checkify(lambda t, i: embed.lookup(t, i, backend=backend, mode="error"))
+    )
+    err, out = checked(table, good)
+    assert err.get() is None
+    grid.assert_bits_equal(out, _expected_rows(table, good, "clip"))
+    err, _ = checked(table, bad)
+    assert f"token id {vocab_size + 3} at flat position 2" in err.get()
 
 
 @pytest.mark.skipif(_MOSAIC_PROBLEM is not None, reason=str(_MOSAIC_PROBLEM))

@@ -111,33 +111,42 @@ def test_scatter_add_addresses_a_large_gradient_with_i64_offsets(vocab_size, d_m
     assert "tt.atomic_rmw" in text
 
 
+@jax.jit
+def _large_table():
+    rows = jax.lax.broadcasted_iota(jnp.int32, (LARGE_VOCAB, LARGE_D), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (LARGE_VOCAB, LARGE_D), 1)
+    return ((rows ^ (cols * 7)) & 0xFF).astype(jnp.bfloat16)  # Exact in bfloat16.
+
+
+_BOUNDARY_ROW = 2**31 // LARGE_D  # Its first element is element 2**31.
+# Rows on both sides of the 2**31-element boundary, the last row, and out-of-range ids
+# (LARGE_VOCAB: clamped, or filled; -LARGE_VOCAB: row 0).
+LARGE_IDS = np.array(
+    [
+        LARGE_VOCAB - 1,
+        -1,
+        _BOUNDARY_ROW,
+        _BOUNDARY_ROW - 1,
+        _BOUNDARY_ROW + 3,
+        LARGE_VOCAB,
+        0,
+        -LARGE_VOCAB,
+    ],
+    np.int32,
+)
+
+
+def _large_expected(ids):
+    rows = np.clip(np.where(ids < 0, ids + LARGE_VOCAB, ids), 0, LARGE_VOCAB - 1)[:, None]
+    return ((rows ^ (np.arange(LARGE_D) * 7)) & 0xFF).astype(jnp.bfloat16)
+
+
 @pytest.mark.large
 def test_bfloat16_table_past_two_to_the_31_elements():
     assert LARGE_VOCAB * LARGE_D > 2**31
-
-    @jax.jit
-    def make_table():
-        rows = jax.lax.broadcasted_iota(jnp.int32, (LARGE_VOCAB, LARGE_D), 0)
-        cols = jax.lax.broadcasted_iota(jnp.int32, (LARGE_VOCAB, LARGE_D), 1)
-        return ((rows ^ (cols * 7)) & 0xFF).astype(jnp.bfloat16)  # Exact in bfloat16.
-
-    table = make_table()
-    boundary_row = 2**31 // LARGE_D  # Its first element is element 2**31.
-    ids = np.array(
-        [
-            LARGE_VOCAB - 1,
-            -1,
-            boundary_row,
-            boundary_row - 1,
-            boundary_row + 3,
-            LARGE_VOCAB,
-            0,
-            -LARGE_VOCAB,
-        ],
-        np.int32,
-    )
-    rows = np.clip(np.where(ids < 0, ids + LARGE_VOCAB, ids), 0, LARGE_VOCAB - 1)[:, None]
-    expected = ((rows ^ (np.arange(LARGE_D) * 7)) & 0xFF).astype(jnp.bfloat16)
+    table = _large_table()
+    ids = LARGE_IDS
+    expected = _large_expected(ids)
     for out in (
         pallas_gather.gather(table, jnp.asarray(ids), interpret=True),
         table[ids],
@@ -148,3 +157,51 @@ def test_bfloat16_table_past_two_to_the_31_elements():
     filled = embed.lookup(table, ids, backend="pallas", mode="fill")
     assert np.isnan(np.asarray(filled[5], np.float32)).all()
     grid.assert_bits_equal(filled[:5], expected[:5])
+
+
+@pytest.mark.gpu
+@pytest.mark.large
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "pallas",
+        "triton",
+        # TMA copies from a 64-bit base at 32-bit row/column coordinates (mosaic_gather).
+        pytest.param(
+            "mosaic",
+            marks=pytest.mark.skipif(
+                compat.mosaic_gpu_problem() is not None, reason=str(compat.mosaic_gpu_problem())
+            ),
+        ),
+        "auto",
+    ],
+)
+def test_gpu_large_table_forward_modes_and_gradient(backend):
+    """On the GPU, compiled: rows past element 2**31 in each mode, and the gradient
+    written to exactly the rows looked up (tools/gpu_check runs it under memcheck)."""
+    table = _large_table()
+    ids = LARGE_IDS
+    expected = _large_expected(ids)
+    lookup = jax.jit(embed.lookup, static_argnames=("backend", "mode"))
+    grid.assert_bits_equal(lookup(table, ids, backend=backend, mode="clip"), expected)
+    filled = np.asarray(lookup(table, ids, backend=backend, mode="fill"), np.float32)
+    inside = (ids >= -LARGE_VOCAB) & (ids < LARGE_VOCAB)
+    assert np.isnan(filled[~inside]).all()
+    grid.assert_bits_equal(filled[inside].astype(jnp.bfloat16), expected[inside])
+
+    # Token k's cotangent is k + 1 in every column (exact in bfloat16 and in the sums).
+    cotangent = jnp.broadcast_to(
+        jnp.arange(1, len(ids) + 1, dtype=jnp.bfloat16)[:, None], (len(ids), LARGE_D)
+    )
+    grad = jax.jit(jax.grad(lambda t: jnp.vdot(embed.lookup(t, ids, backend=backend), cotangent)))(
+        table
+    )
+    sums = {}
+    for k, i in enumerate(ids):
+        if inside[k]:
+            sums[int(i) % LARGE_VOCAB] = sums.get(int(i) % LARGE_VOCAB, 0) + k + 1
+    rows = np.array(sorted(sums))
+    got = np.asarray(grad[rows], np.float32)
+    np.testing.assert_array_equal(got, np.array([[sums[r]] * LARGE_D for r in rows], np.float32))
+    # Nothing written anywhere else in the 2**31 + 2**13 elements.
+    assert int(jnp.count_nonzero(grad)) == len(rows) * LARGE_D

@@ -141,3 +141,32 @@ def test_zipf_ids_are_skewed_and_in_range():
 def test_bad_shape_is_rejected(bad):
     with pytest.raises(SystemExit):
         benchmark.parse_args([f"--shape={bad}"])
+
+
+def test_gpu_grid_covers_the_issue_axes():
+    shapes = benchmark.gpu_grid()
+    assert len(shapes) == len(set(shapes))
+    assert {s.dtype for s in shapes} == {"float32", "bfloat16"}
+    assert {s.ids for s in shapes} == {"uniform", "zipf"}
+    assert {s.d_model for s in shapes} == {64, 256, 1024, 4096, 8192}
+    assert max(s.num_tokens for s in shapes) == 65536
+    assert max(s.vocab_size for s in shapes) == 262144
+    # Every d_model in both dtypes; Zipf ids at the largest d_model, tokens and vocab.
+    assert {(s.d_model, s.dtype) for s in shapes} >= {
+        (d, dt) for d in benchmark.GPU_D_MODELS for dt in ("float32", "bfloat16")
+    }
+    zipf = [s for s in shapes if s.ids == "zipf"]
+    assert {max(getattr(s, a) for s in zipf) for a in ("d_model", "vocab_size")} == {8192, 262144}
+    assert max(s.num_tokens for s in zipf) == 65536
+    assert benchmark.shapes_from_args(benchmark.parse_args(["--grid=gpu"])) == shapes
+    only_zipf = benchmark.parse_args(["--grid=gpu", "--ids=zipf", "--dtype=bfloat16"])
+    assert benchmark.shapes_from_args(only_zipf) == [s for s in zipf if s.dtype == "bfloat16"]
+
+
+def test_time_budget_reports_the_shapes_left_as_skipped():
+    rows = benchmark.main(
+        [f"--shape={_SHAPES[0]}", "--passes=fwd", "--max-seconds=0", "--no-progress"]
+    )
+    assert rows and all(r["status"] == "skipped" for r in rows)
+    assert all(r["reason"] == "time budget: --max-seconds 0 reached" for r in rows)
+    assert {r["provider"] for r in rows} == set(benchmark.PROVIDERS)
