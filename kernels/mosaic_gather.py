@@ -288,6 +288,10 @@ def _segment_sum_kernel(
     plgpu.barrier_wait(bounds_barrier)
 
     def fetch(k, slot):
+        # The slot was last read by this warpgroup's loads (the generic proxy); a proxy
+        # fence orders those reads before the TMA overwrites it (the interpreter's race
+        # detector flags the copy without it).
+        plgpu.commit_smem()
         plgpu.copy_gmem_to_smem(
             sorted_gmem.at[pl.ds(k, 1), cols], token_smem.at[slot], token_barriers.at[slot]
         )

@@ -76,6 +76,25 @@ def test_segment_sum_adds_in_token_order(case):
     grid.assert_bits_equal(grad, _in_token_order(grad_out, ids, vocab_size))
 
 
+@pytest.mark.parametrize("kernel", ["gather", "segment_sum"])
+def test_interpreter_finds_no_races(kernel, monkeypatch):
+    # The interpreter's race detector (vector clocks over SMEM, GMEM, TMA and barriers)
+    # checks the synchronisation a GPU needs. scatter_add is left out: its interpreter-only
+    # read-add-write of shared rows is a race by design (the GPU path is the TMA reduction).
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    monkeypatch.setattr(compat, "mosaic_gpu_interpret_params", lambda: params)
+    vocab_size, d_model, num_tokens = 5, 96, 70  # Shapes no other test jits.
+    ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens)).at[10:40].set(3)
+    if kernel == "gather":
+        table = grid.make_table(vocab_size, d_model, jnp.float32)
+        grid.assert_bits_equal(mosaic_gather.gather(table, ids, interpret=True), table[ids])
+    else:
+        grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model))
+        grad = mosaic_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
+        grid.assert_bits_equal(grad, _in_token_order(grad_out, ids, vocab_size))
+
+
 def test_nan_and_signed_zero_rows_are_copied_bit_for_bit():
     table = jnp.array([[jnp.nan, -0.0], [jnp.inf, 0.0]], jnp.float32)
     ids = jnp.array([1, 0, -2, 5, grid.INT32_MIN, grid.INT32_MAX], jnp.int32)
