@@ -2,7 +2,8 @@
 
 ``jax.lax.platform_dependent`` picks the branch when the computation is lowered for a
 platform, not from the host's default backend at trace time, so a model traced or
-exported on a CPU host for a GPU carries the real kernel.
+exported on a CPU host for a GPU carries the real kernel. ``"mosaic"`` is the exception:
+it is chosen when traced (``gather`` says why).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from embed import ids as ids_lib
 from kernels import compat, pallas_gather, reference
 
-BACKENDS = ("auto", "xla", "pallas", "triton")
+BACKENDS = ("auto", "xla", "pallas", "triton", "mosaic")
 
 # What "auto" lowers to on each platform, on every supported JAX (0.10.2 to 0.12.x):
 # - cuda/rocm: the Pallas kernel ("pallas"), which owns the backward as a float32 atomic
@@ -27,6 +28,11 @@ BACKENDS = ("auto", "xla", "pallas", "triton")
 #   deprecation into an error, "auto" lowers to "xla" instead (``_auto_kernel``).
 #   No GPU figure of ours backs this rule yet: docs/benchmarks.md says which exist.
 # - cpu/tpu: "xla". On CPU the kernels only run interpreted; XLA's gather is the fast path.
+# - "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
+#   deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
+#   the GPU interpreter, but no timing of it on a GPU exists, so nothing shows it is not
+#   slower than "pallas" there; and JAX 0.10.2, which we support, has no such backend.
+#   Switch "cuda" to it when tools/gpu_check's figures put it at or ahead of "pallas".
 AUTO = {"cuda": "pallas", "rocm": "pallas", "cpu": "xla", "tpu": "xla"}
 
 
@@ -40,6 +46,7 @@ def check_backend(backend: str) -> str:
 _PROBLEMS = {
     "pallas": compat.pallas_triton_problem,
     "triton": compat.triton_call_problem,
+    "mosaic": compat.mosaic_gpu_problem,
 }
 
 
@@ -95,13 +102,19 @@ def _pallas(table, ids, *, deterministic, interpret=False):
     return pallas_gather.lookup(table, ids, interpret, deterministic)
 
 
+def _mosaic(table, ids, *, deterministic, interpret=False):
+    from kernels import mosaic_gather  # Imported lazily, like triton: one stack lacks it.
+
+    return mosaic_gather.lookup(table, ids, interpret, deterministic)
+
+
 def _triton(table, ids, *, deterministic):
     from kernels import triton_gather  # Imported lazily: it needs jax-triton and CUDA.
 
     return triton_gather.lookup(table, ids, deterministic)
 
 
-_KERNELS = {"pallas": _pallas, "triton": _triton}
+_KERNELS = {"pallas": _pallas, "triton": _triton, "mosaic": _mosaic}
 
 
 def gather(
@@ -112,9 +125,11 @@ def gather(
     Every backend accumulates the table gradient in float32 and rounds it once to the
     table's dtype, ``"xla"`` included (``kernels.reference.lookup``), so backends agree
     at 16 bits too. ``deterministic=True`` makes the kernels' backward sort-based and
-    bit-reproducible (``pallas_gather.segment_sum``). The ``"xla"`` path ignores it:
-    XLA's own scatter determinism is governed by XLA flags
-    (``--xla_gpu_deterministic_ops``).
+    bit-reproducible (``pallas_gather.segment_sum``, ``mosaic_gather.segment_sum``).
+    ``"mosaic"`` runs its kernel when traced for a GPU (Mosaic GPU is NVIDIA's; a CPU
+    host traces for one inside ``embed.abstract_gpu()``) and the Mosaic GPU interpreter
+    otherwise. The ``"xla"`` path ignores ``deterministic``: XLA's own scatter
+    determinism is governed by XLA flags (``--xla_gpu_deterministic_ops``).
     """
     check_backend(backend)
     kernel = _auto_kernel() if backend == "auto" else backend
@@ -126,8 +141,14 @@ def gather(
         return gpu(table, ids)
     if backend == "auto":
         default = _xla
-    else:  # Off GPU the same Pallas kernel runs in the interpreter.
-        default = functools.partial(_pallas, interpret=True, deterministic=deterministic)
+    else:  # Off GPU the same Pallas kernel runs in its interpreter.
+        default = functools.partial(_KERNELS[kernel], interpret=True, deterministic=deterministic)
+    if kernel == "mosaic":
+        check_backend_usable(backend)  # JAX 0.10.2: a clear error, not one from jax.
+        # Chosen when traced, not lowered: platform_dependent cannot lower the kernel for
+        # cuda beside the interpreter (compat.tracing_for_gpu says why). To lower for
+        # cuda on a CPU host, trace under embed.abstract_gpu().
+        return gpu(table, ids) if compat.tracing_for_gpu() else default(table, ids)
     return jax.lax.platform_dependent(table, ids, cuda=gpu, rocm=gpu, default=default)
 
 

@@ -338,7 +338,7 @@ class MyEmbed(_Embedding):
       vocab_size: number of rows of the table (``num_embeddings``, also an attribute).
       d_model: width of each row (``features``, also an attribute).
       rngs: the ``nnx.Rngs`` whose ``params`` stream draws the table.
-      backend: ``"auto"``, ``"xla"``, ``"pallas"`` or ``"triton"``; see
+      backend: ``"auto"``, ``"xla"``, ``"pallas"``, ``"triton"`` or ``"mosaic"``; see
         ``embed.dispatch.backend_for`` for what ``"auto"`` picks.
       mode: out-of-range policy, ``"clip"``, ``"fill"`` or ``"error"`` (``embed.ids``).
       fill_value: the row value for ``mode="fill"``.

@@ -20,7 +20,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import compat
-from kernels.reference import check_dtype, gradient_rows, in_vocab, wrap_and_clamp
+from kernels.common import check_backward_operands as _check_backward_operands
+from kernels.common import check_operands as _check_operands
+from kernels.common import pad_columns, segments
+from kernels.reference import in_vocab, wrap_and_clamp
 
 # From JAX 0.11 every lowering of this module's kernels warns that Pallas on Triton is
 # deprecated; the warning is ours to handle, not our users' (README: "Supported stacks").
@@ -49,14 +52,6 @@ def block_sizes(num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]
     return min(block_t, 64, pl.next_power_of_2(max(num_tokens, 1))), block_d
 
 
-def _check_operands(table: jax.Array, ids: jax.Array) -> None:
-    if table.ndim != 2:
-        raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
-    check_dtype("table.dtype", table.dtype)
-    if ids.ndim != 1 or ids.dtype != jnp.int32:
-        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be a 1-D int32 array")
-
-
 def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
     default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
     block_t = default_t if block_t is None else block_t
@@ -65,18 +60,6 @@ def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
         if value < 1 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a positive power of two")
     return block_t, block_d
-
-
-def _check_backward_operands(grad_out: jax.Array, ids: jax.Array) -> tuple[int, int]:
-    num_tokens, d_model = grad_out.shape
-    if ids.shape != (num_tokens,) or ids.dtype != jnp.int32:
-        raise ValueError(f"{ids.shape=}, {ids.dtype=} must be ({num_tokens},) int32")
-    return num_tokens, d_model
-
-
-def _pad_columns(x: jax.Array, block_d: int) -> jax.Array:
-    """``x`` with zero columns up to a whole number of ``block_d`` blocks."""
-    return jnp.pad(x, ((0, 0), (0, -x.shape[1] % block_d)))
 
 
 def _gather_kernel(
@@ -188,7 +171,7 @@ def scatter_add(
     block_t, block_d = _resolve_blocks(
         num_tokens, d_model, grad_out.dtype.itemsize, block_t, block_d
     )
-    grad_out = _pad_columns(grad_out, block_d)  # Every atomic: an unmasked row slice.
+    grad_out = pad_columns(grad_out, block_d)  # Every atomic: an unmasked row slice.
     padded_d = grad_out.shape[1]
     kernel = functools.partial(_scatter_add_kernel, num_tokens=num_tokens, vocab_size=vocab_size)
     grad = pl.pallas_call(
@@ -267,14 +250,9 @@ def segment_sum(
     _, block_d = _resolve_blocks(num_tokens, d_model, grad_out.dtype.itemsize, 1, block_d)
     if block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"{block_v=} must be a positive power of two")
-    rows = gradient_rows(ids, vocab_size)
-    order = jnp.argsort(rows, stable=True).astype(jnp.int32)
-    # bounds[r] = first sorted position of row r; rows past V (the last block's padding)
-    # get the empty segment [live, live), and the sentinel's tokens are never read.
     num_row_blocks = pl.cdiv(vocab_size, block_v)
-    row_starts = jnp.arange(num_row_blocks * block_v + 1, dtype=jnp.int32)
-    bounds = jnp.searchsorted(rows[order], row_starts).astype(jnp.int32)
-    grad_out = _pad_columns(grad_out, block_d)  # Every load: an unmasked row slice.
+    order, bounds = segments(ids, vocab_size, num_row_blocks * block_v)
+    grad_out = pad_columns(grad_out, block_d)  # Every load: an unmasked row slice.
     padded_d = grad_out.shape[1]
     grad = pl.pallas_call(
         _segment_sum_kernel,

@@ -18,6 +18,10 @@ Providers (each skipped, with the reason printed, where it cannot run):
   * ``pallas``: ``embed.lookup(..., backend="pallas")``; off GPU it runs in the Pallas
     interpreter, is labelled ``pallas (interpret)`` and is kept out of every ratio.
   * ``triton``: ``embed.lookup(..., backend="triton")``; CUDA only.
+  * ``mosaic``: ``embed.lookup(..., backend="mosaic")`` (Pallas on Mosaic GPU, JAX >= 0.11);
+    off GPU it runs in the Mosaic GPU interpreter, is labelled ``mosaic (interpret)``,
+    is kept out of every ratio, and runs only shapes with ``T*D <= 2**16`` (the
+    interpreter simulates every row copy: larger shapes take minutes).
   * ``copy``: a device copy moving the same number of bytes as the pass being timed:
     the ceiling each ``vs_copy`` ratio is taken against.
 
@@ -77,12 +81,13 @@ if __package__ in (None, ""):
 import embed  # noqa: E402
 from kernels.reference import attend_cross_entropy_reference, wrap_and_clamp  # noqa: E402
 
-PROVIDERS = ("xla", "xla_take", "xla_rows", "one_hot", "pallas", "triton", "copy")
+PROVIDERS = ("xla", "xla_take", "xla_rows", "one_hot", "pallas", "triton", "mosaic", "copy")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 ID_DISTRIBUTIONS = ("uniform", "zipf")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ONE_HOT_MAX_ELEMENTS = 2**23
 ONE_HOT_MAX_MACS = 2**33
+MOSAIC_INTERPRET_MAX_ELEMENTS = 2**16
 ZIPF_A = 1.1
 CSV_COLUMNS = (
     "timestamp",
@@ -251,6 +256,10 @@ def _triton(table, ids):
     return embed.lookup(table, ids, backend="triton")
 
 
+def _mosaic(table, ids):
+    return embed.lookup(table, ids, backend="mosaic")
+
+
 _GATHERS = {
     "xla": _xla,
     "xla_take": _xla_take,
@@ -258,12 +267,13 @@ _GATHERS = {
     "one_hot": _one_hot,
     "pallas": _pallas,
     "triton": _triton,
+    "mosaic": _mosaic,
 }
 
 
 def provider_label(provider: str, platform: str) -> str:
-    if provider == "pallas" and platform != "gpu":
-        return "pallas (interpret)"
+    if provider in INTERPRETED and platform != "gpu":
+        return f"{provider} (interpret)"
     if provider == "xla_take":
         return "xla_take (mode=clip)"
     if provider == "xla_rows":
@@ -271,9 +281,13 @@ def provider_label(provider: str, platform: str) -> str:
     return provider
 
 
+# Providers that run in an interpreter off GPU: a correctness path, not a speed figure.
+INTERPRETED = ("pallas", "mosaic")
+
+
 def in_comparison(provider: str, platform: str) -> bool:
-    """Interpreted Pallas is a correctness path, not a speed figure."""
-    return not (provider == "pallas" and platform != "gpu")
+    """Interpreted Pallas (on Triton or Mosaic GPU) is a correctness path, not a speed figure."""
+    return not (provider in INTERPRETED and platform != "gpu")
 
 
 def skip_reason(provider: str, shape: Shape, platform: str) -> str | None:
@@ -283,6 +297,12 @@ def skip_reason(provider: str, shape: Shape, platform: str) -> str | None:
     macs = shape.num_tokens * shape.vocab_size * shape.d_model
     if provider == "one_hot" and macs > ONE_HOT_MAX_MACS:
         return f"T*V*D={macs} > 2**33: one-hot matmul too slow"
+    if provider == "mosaic":
+        if problem := embed.backend_problem("mosaic"):
+            return problem
+        elements = shape.num_tokens * shape.d_model
+        if platform != "gpu" and elements > MOSAIC_INTERPRET_MAX_ELEMENTS:
+            return f"T*D={elements} > 2**16: too slow in the Mosaic GPU interpreter"
     if provider == "triton":
         if platform != "gpu":
             return f"needs a CUDA GPU (platform is {platform})"
@@ -938,10 +958,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "GLIBC_TUNABLES (docs/benchmarks.md) made xla 3-5x faster here.",
             flush=True,
         )
-    if platform != "gpu" and "pallas" in args.providers and not args.eager:
+    interpreted = [] if args.eager or platform == "gpu" else INTERPRETED
+    for provider in (p for p in interpreted if p in args.providers):
         print(
-            "note: pallas runs in the Pallas interpreter here; it is labelled "
-            '"pallas (interpret)" and kept out of every ratio: not a GPU figure.',
+            f"note: {provider} runs in its interpreter here; it is labelled "
+            f'"{provider} (interpret)" and kept out of every ratio: not a GPU figure.',
             flush=True,
         )
     if args.eager:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import export
 
 import embed
@@ -77,3 +78,36 @@ def test_triton_that_cannot_run_says_why():
     with pytest.raises(RuntimeError, match="backend='triton' cannot run here: ") as info:
         embed.lookup(jnp.zeros((3, 4)), jnp.array([1]), backend="triton")
     assert embed.backend_problem("triton") in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# "mosaic": Pallas on Mosaic GPU, where this JAX has it (kernels.compat decides).
+
+MOSAIC_PROBLEM = compat.mosaic_gpu_problem()
+needs_mosaic = pytest.mark.skipif(MOSAIC_PROBLEM is not None, reason=str(MOSAIC_PROBLEM))
+
+
+@pytest.mark.skipif(MOSAIC_PROBLEM is None, reason="this JAX has the mosaic backend")
+def test_mosaic_without_support_fails_when_the_layer_is_built():
+    with pytest.raises(RuntimeError, match=r"backend='mosaic' cannot run here: .*JAX >= 0\.11"):
+        embed.MyEmbed(50, 64, nnx.Rngs(0), backend="mosaic")
+
+
+@needs_mosaic
+def test_mosaic_runs_interpreted_on_cpu_with_its_gradient():
+    table = grid.make_table(50, 64, jnp.float32)
+    ids = jnp.asarray(grid.make_ids(50, 18).reshape(2, 9))
+    layer = embed.MyEmbed(50, 64, nnx.Rngs(0), backend="mosaic")
+    grid.assert_bits_equal(layer(ids), layer.embedding[...][ids])
+    for deterministic in (False, True):
+        grad = jax.grad(
+            lambda t, d=deterministic: embed.lookup(t, ids, backend="mosaic", deterministic=d).sum()
+        )(table)
+        np.testing.assert_array_equal(grad, jax.grad(lambda t: t[ids].sum())(table))
+
+
+@needs_mosaic
+def test_mosaic_cuda_lowering_carries_the_mosaic_gpu_kernel():
+    # Traced inside compat's abstract GPU: "mosaic" is chosen at trace time.
+    assert "@mosaic_gpu_v2" in _lowered("mosaic", ("cuda",))
+    assert "@mosaic_gpu_v2" not in _lowered("mosaic", ("cpu",))

@@ -132,3 +132,28 @@ def test_triton_call_speaks_the_installed_jax_triton():
         assert "zeroed_outputs=()" in str(backward)
     else:
         assert "zeroed_outputs=(0,)" in str(backward)
+
+
+# ---------------------------------------------------------------------------------------
+# Mosaic GPU (the "mosaic" backend).
+
+
+def test_mosaic_gpu_problem_follows_the_interpreter():
+    plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
+    problem = compat.mosaic_gpu_problem()
+    if hasattr(plgpu, "InterpretGPUParams") and hasattr(jax, "new_ref"):
+        assert problem is None
+        assert isinstance(compat.mosaic_gpu_interpret_params(), plgpu.InterpretGPUParams)
+    else:
+        assert "needs JAX >= 0.11" in problem and jax.__version__ in problem
+        with pytest.raises(NotImplementedError, match="needs JAX >= 0.11"):
+            compat.mosaic_gpu_interpret_params()
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks a CPU host")
+def test_tracing_for_gpu_inside_the_abstract_gpu_only():
+    assert not compat.tracing_for_gpu()
+    with compat.abstract_gpu():
+        # 0.10.2 has no abstract devices (abstract_gpu is a no-op there).
+        assert compat.tracing_for_gpu() == hasattr(jax.sharding, "AbstractDevice")
+    assert not compat.tracing_for_gpu()

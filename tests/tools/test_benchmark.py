@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from kernels import compat
 from tools import benchmark
 
 # Two tiny shapes: one where one_hot runs, one where it is skipped for size.
@@ -99,6 +100,20 @@ def test_interpreted_pallas_is_kept_out_of_ratios(run):
     assert pallas and all(r["label"] == "pallas (interpret)" for r in pallas)
     assert all(r["vs_xla"] is None and r["vs_copy"] is None for r in pallas)
     assert all(r["median_ms"] is not None for r in pallas)
+
+
+def test_interpreted_mosaic_is_kept_out_of_ratios_or_skipped_with_the_reason(run):
+    rows, _ = run
+    mosaic = [r for r in rows if r["provider"] == "mosaic"]
+    if rows[0]["platform"] == "gpu":
+        pytest.skip("Mosaic GPU is compiled on GPU")
+    assert mosaic and all(r["label"] == "mosaic (interpret)" for r in mosaic)
+    assert all(r["vs_xla"] is None and r["vs_copy"] is None for r in mosaic)
+    if problem := compat.mosaic_gpu_problem():  # JAX 0.10.2: every row says why not.
+        assert all(r["status"] == "skipped" and r["reason"] == problem for r in mosaic)
+    else:  # Both shapes are small enough for the interpreter, and match bit for bit.
+        assert all(r["median_ms"] is not None for r in mosaic)
+        assert all(r["matches_xla"] for r in mosaic if r["pass"] == "fwd")
 
 
 def test_plot_is_a_png(run):
