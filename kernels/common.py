@@ -1,4 +1,5 @@
-"""What the kernel modules share: operand checks, column padding, the segment-sum prep.
+"""What the kernel modules share: operand checks, column padding, the segment-sum prep,
+and the ``custom_vjp`` that pairs a gather with its two backwards.
 
 One copy, used by ``pallas_gather`` (Pallas on Triton) and ``mosaic_gather`` (Pallas on
 Mosaic GPU), so the backends cannot drift apart in what they accept or how the
@@ -6,6 +7,9 @@ deterministic backward orders its additions.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,3 +53,31 @@ def segments(ids: jax.Array, vocab_size: int, num_rows: int) -> tuple[jax.Array,
     row_starts = jnp.arange(num_rows + 1, dtype=jnp.int32)
     bounds = jnp.searchsorted(rows[order], row_starts).astype(jnp.int32)
     return order, bounds
+
+
+def gather_with_gradient(gather: Callable, scatter_add: Callable, segment_sum: Callable):
+    """``lookup(table, ids, interpret=False, deterministic=False)``: ``gather`` with its VJP.
+
+    The table gradient is ``scatter_add`` (float32 atomics, summation order of repeated
+    ids not fixed), or ``segment_sum`` when ``deterministic`` (bit-reproducible, slower
+    for heavily repeated ids). Either is accumulated in float32 and cast once to the
+    table's dtype. Each backward is called as ``f(grad_out, ids, vocab_size=,
+    interpret=)``.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def lookup(table, ids, interpret=False, deterministic=False):
+        return gather(table, ids, interpret=interpret)
+
+    def lookup_fwd(table, ids, interpret, deterministic):
+        # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
+        return gather(table, ids, interpret=interpret), (ids, table[:, :0])
+
+    def lookup_bwd(interpret, deterministic, residuals, grad_out):
+        ids, table_like = residuals
+        backward = segment_sum if deterministic else scatter_add
+        grad = backward(grad_out, ids, vocab_size=table_like.shape[0], interpret=interpret)
+        return grad.astype(table_like.dtype), None
+
+    lookup.defvjp(lookup_fwd, lookup_bwd)
+    return lookup

@@ -48,7 +48,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import compat
-from kernels.common import check_backward_operands, check_operands, pad_columns, segments
+from kernels.common import (
+    check_backward_operands,
+    check_operands,
+    gather_with_gradient,
+    pad_columns,
+    segments,
+)
 from kernels.reference import in_vocab, wrap_and_clamp
 
 # Bytes every copy must move a multiple of: one per thread of a 128-thread warpgroup.
@@ -377,31 +383,6 @@ def segment_sum(
     return grad[:vocab_size, :d_model]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def lookup(
-    table: jax.Array, ids: jax.Array, interpret: bool = False, deterministic: bool = False
-) -> jax.Array:
-    """``gather`` with its table gradient; what the layer calls.
-
-    The gradient is ``scatter_add`` (float32 TMA reductions, summation order of repeated
-    ids not fixed), or ``segment_sum`` when ``deterministic`` (bit-reproducible, slower
-    for heavily repeated ids). Either is accumulated in float32 and cast once to the
-    table's dtype.
-    """
-    return gather(table, ids, interpret=interpret)
-
-
-def _lookup_fwd(table, ids, interpret, deterministic):
-    # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
-    return gather(table, ids, interpret=interpret), (ids, table[:, :0])
-
-
-def _lookup_bwd(interpret, deterministic, residuals, grad_out):
-    ids, table_like = residuals
-    vocab_size = table_like.shape[0]
-    backward = segment_sum if deterministic else scatter_add
-    grad = backward(grad_out, ids, vocab_size=vocab_size, interpret=interpret)
-    return grad.astype(table_like.dtype), None
-
-
-lookup.defvjp(_lookup_fwd, _lookup_bwd)
+# What the layer calls: ``gather`` with ``scatter_add`` (float32 TMA reductions), or with
+# ``deterministic`` the bit-reproducible ``segment_sum``, as its table gradient.
+lookup = gather_with_gradient(gather, scatter_add, segment_sum)
