@@ -79,7 +79,7 @@ def pytest_test(
         python = repo + "//:python"
         native.sh_test(
             name = name + "_" + stack,
-            srcs = ["//tools:stack_test.sh"],
+            srcs = ["//tools:run_with_python.sh"],
             # py_library targets as data bring their sources' runfiles, as deps do.
             data = srcs + deps + data + [_RUNNER, python],
             args = ["$(rootpath %s)" % python, "$(rootpath %s)" % _RUNNER] + pytest_args,
