@@ -68,6 +68,16 @@ def case_id(case) -> str:
     return f"{jnp.dtype(dtype).name}-V{v}-D{d}-T{t}"
 
 
+def grad_in_token_order(grad_out, ids, vocab_size: int) -> np.ndarray:
+    """The table gradient in NumPy: each row's gradient rows summed in float32, in token
+    order (ids in ``[-V, V)`` add into row ``i mod V``; the rest add nothing)."""
+    ids = np.asarray(ids).astype(np.int64)
+    live = (ids >= -vocab_size) & (ids < vocab_size)
+    grad = np.zeros((vocab_size, grad_out.shape[1]), np.float32)
+    np.add.at(grad, ids[live] % vocab_size, np.asarray(grad_out, np.float32)[live])
+    return grad
+
+
 def assert_bits_equal(actual, expected) -> None:
     """Bit-for-bit equality (NaN payloads and signed zeros included)."""
     actual, expected = np.asarray(actual), np.asarray(expected)

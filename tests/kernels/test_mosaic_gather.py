@@ -31,16 +31,6 @@ INTERPRETED_CASES = [c for c in grid.GATHER_CASES if c[3] <= 129 or c[2] == 64]
 SEGMENT_SUM_CASES = [c for c in INTERPRETED_CASES if c[1] <= 7]
 
 
-def _in_token_order(grad_out, ids, vocab_size):
-    """float32 sum of each row's gradient rows, one after another in token order."""
-    ids = np.asarray(ids)
-    live = np.asarray(reference.in_vocab(ids, vocab_size))
-    rows = np.asarray(reference.wrap_and_clamp(ids, vocab_size))
-    grad = np.zeros((vocab_size, grad_out.shape[1]), np.float32)
-    np.add.at(grad, rows[live], np.asarray(grad_out, np.float32)[live])
-    return grad
-
-
 def test_interpreted_cases_cover_every_axis_value():
     for axis, values in enumerate([grid.DTYPES, grid.VOCAB_SIZES, grid.D_MODELS, grid.NUM_TOKENS]):
         assert {c[axis] for c in INTERPRETED_CASES} == set(values)
@@ -73,7 +63,7 @@ def test_segment_sum_adds_in_token_order(case):
     ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
     grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
     grad = mosaic_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
-    grid.assert_bits_equal(grad, _in_token_order(grad_out, ids, vocab_size))
+    grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
 
 
 @pytest.mark.parametrize("kernel", ["gather", "segment_sum"])
@@ -92,7 +82,7 @@ def test_interpreter_finds_no_races(kernel, monkeypatch):
     else:
         grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model))
         grad = mosaic_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
-        grid.assert_bits_equal(grad, _in_token_order(grad_out, ids, vocab_size))
+        grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
 
 
 def test_nan_and_signed_zero_rows_are_copied_bit_for_bit():
@@ -171,7 +161,9 @@ def test_gradient_matches_float32_reference(deterministic, dtype, ids_kind):
     grad = _vjp(table, ids, cotangent, deterministic)
     assert grad.dtype == dtype
     if deterministic:  # The float32 sum in token order, rounded once to the dtype.
-        grid.assert_bits_equal(grad, _in_token_order(cotangent, ids, vocab_size).astype(dtype))
+        grid.assert_bits_equal(
+            grad, grid.grad_in_token_order(cotangent, ids, vocab_size).astype(dtype)
+        )
     # A 16-bit result rounds a float32 sum once, so it may land one ulp from the oracle's.
     expected = reference.gather_grad_reference(cotangent, ids, vocab_size).astype(dtype)
     rtol = 1e-5 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)

@@ -15,16 +15,6 @@ from kernels import compat, pallas_gather, reference
 from tests import grid
 
 
-def _in_token_order(grad_out, ids, vocab_size):
-    """float32 sum of each row's gradient rows, one after another in token order."""
-    ids = np.asarray(ids)
-    live = np.asarray(reference.in_vocab(ids, vocab_size))
-    rows = np.asarray(reference.wrap_and_clamp(ids, vocab_size))
-    grad = np.zeros((vocab_size, grad_out.shape[1]), np.float32)
-    np.add.at(grad, rows[live], np.asarray(grad_out, np.float32)[live])
-    return grad
-
-
 def _duplicated_ids(kind, vocab_size, num_tokens):
     rng = np.random.default_rng(0)
     if kind == "all_equal":
@@ -41,7 +31,7 @@ def test_segment_sum_matches_reference(case):
     grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
     grad = pallas_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
     assert grad.dtype == jnp.float32
-    grid.assert_bits_equal(grad, _in_token_order(grad_out, ids, vocab_size))
+    grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
     # The oracle sums in some order of its own; float32 sums of up to 1000 unit normals
     # in two orders differ by far less than 1e-4.
     expected = reference.gather_grad_reference(grad_out, ids, vocab_size)
@@ -61,7 +51,9 @@ def test_deterministic_gradient_matches_float32_reference(dtype, ids_kind):
     _, vjp = jax.vjp(lambda t: pallas_gather.lookup(t, ids, True, True), table)
     (kernel,) = vjp(cotangent)
     # The float32 sum in token order, rounded once to the table's dtype.
-    grid.assert_bits_equal(kernel, _in_token_order(cotangent, ids, vocab_size).astype(dtype))
+    grid.assert_bits_equal(
+        kernel, grid.grad_in_token_order(cotangent, ids, vocab_size).astype(dtype)
+    )
     # Against the float32 reference (jax.grad of "xla" for float32; for 16-bit tables
     # XLA accumulates in 16 bits, which is what the kernels avoid): float32 sums of up
     # to 1000 unit normals in another order differ by far less than 1e-4, and a 16-bit
