@@ -51,6 +51,19 @@ def _value_and_grads(fn, table, hidden, targets, reduction, **kwargs):
     return out, grads
 
 
+def _fused_and_naive(blocks, table, hidden, targets, reduction, **kwargs):
+    """``_value_and_grads`` of the blocked loss (``BLOCKS[blocks]``) and of the oracle."""
+
+    def fused(*args, **options):
+        return loss.attend_cross_entropy(*args, **options, **BLOCKS[blocks])
+
+    args = (table, hidden, targets, reduction)
+    return (
+        _value_and_grads(fused, *args, **kwargs),
+        _value_and_grads(attend_cross_entropy_reference, *args, **kwargs),
+    )
+
+
 def _assert_close(actual, expected, rtol, scale=0.0):
     """Elementwise ``rtol``, with an absolute floor of ``rtol`` x the largest magnitude.
 
@@ -92,16 +105,8 @@ def test_float32_matches_naive(case, reduction, blocks):
     kwargs = dict(OPTIONS[option])
     if kwargs.pop("where", False):
         kwargs["where"] = where
-    out, grads = _value_and_grads(
-        lambda *a, **k: loss.attend_cross_entropy(*a, **k, **BLOCKS[blocks]),
-        table,
-        hidden,
-        targets,
-        reduction,
-        **kwargs,
-    )
-    expected, expected_grads = _value_and_grads(
-        attend_cross_entropy_reference, table, hidden, targets, reduction, **kwargs
+    (out, grads), (expected, expected_grads) = _fused_and_naive(
+        blocks, table, hidden, targets, reduction, **kwargs
     )
     assert out.dtype == jnp.float32 and out.shape == expected.shape
     _assert_close(out, expected, 1e-5)
@@ -122,16 +127,8 @@ def test_16_bit_matches_naive(dtype, blocks, reduction):
     # 2**-10 for float16), relative, with the same floor of that times the largest entry.
     table, hidden, targets, where = _inputs(50257, 129, 7, dtype)
     kwargs = {"where": where, "logit_soft_cap": 30.0, "z_loss": 1e-4}
-    out, grads = _value_and_grads(
-        lambda *a, **k: loss.attend_cross_entropy(*a, **k, **BLOCKS[blocks]),
-        table,
-        hidden,
-        targets,
-        reduction,
-        **kwargs,
-    )
-    expected, expected_grads = _value_and_grads(
-        attend_cross_entropy_reference, table, hidden, targets, reduction, **kwargs
+    (out, grads), (expected, expected_grads) = _fused_and_naive(
+        blocks, table, hidden, targets, reduction, **kwargs
     )
     _assert_close(out, expected, 1e-5)
     ulp = float(jnp.finfo(dtype).eps)
