@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from kernels.reference import in_vocab
+from kernels.contract import in_vocab
 
 MODES = ("clip", "fill", "error")
 

@@ -23,7 +23,7 @@ from flax.nnx.nn import dtypes as flax_dtypes
 from flax.nnx.nn.linear import default_embed_init
 
 from embed import dispatch, ids, loss
-from kernels.reference import SUPPORTED_DTYPES, check_dtype
+from kernels.contract import SUPPORTED_DTYPES, check_dtype
 
 # Metadata keys under which Flax records a variable's partitioning (``out_sharding``
 # since Flax 0.11; the older names are still read by ``nnx.get_partition_spec``).

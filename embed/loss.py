@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.reference import REDUCTIONS, check_dtype
+from kernels.contract import check_dtype
+from kernels.reference import REDUCTIONS
 
 BLOCK_ELEMENTS = 2**23  # Float32 logits in one [chunk, vocab chunk] block: 32 MiB.
 MAX_VOCAB_CHUNK = 2**16

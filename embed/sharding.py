@@ -18,7 +18,7 @@ and ``"model"``, which is data-plus-tensor parallelism on a 2-D mesh.
 
 Id semantics are those of ``embed.lookup`` for every layout, because they are settled
 once, on the global ids, before anything is split: ``embed.ids`` validates the ids and
-raises for ``mode="error"``; ``kernels.reference.wrap_and_clamp`` wraps negative ids
+raises for ``mode="error"``; ``kernels.contract.wrap_and_clamp`` wraps negative ids
 once and clamps, so the row read for an out-of-range id (row 0 or ``V - 1``) is owned by
 exactly one shard; ``in_vocab`` marks the ids that receive gradient; and
 ``embed.ids.lookup_with_policy`` applies the mode around the sharded gather, as it
@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from embed import dispatch
 from embed import ids as ids_lib
-from kernels.reference import in_vocab, wrap_and_clamp
+from kernels.contract import in_vocab, wrap_and_clamp
 
 LAYOUTS = ("vocab", "model", "data")
 

@@ -79,7 +79,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 import embed  # noqa: E402
-from kernels.reference import attend_cross_entropy_reference, wrap_and_clamp  # noqa: E402
+from kernels.contract import wrap_and_clamp  # noqa: E402
+from kernels.reference import attend_cross_entropy_reference  # noqa: E402
 
 PROVIDERS = ("xla", "xla_take", "xla_rows", "one_hot", "pallas", "triton", "mosaic", "copy")
 PASSES = ("fwd", "bwd", "fwd+bwd")

@@ -120,7 +120,7 @@ def test_triton_call_speaks_the_installed_jax_triton():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         forward = jax.make_jaxpr(triton_gather.gather)(table, ids)
-        backward = jax.make_jaxpr(lambda g, i: triton_gather.scatter_add(g, i, 7))(
+        backward = jax.make_jaxpr(lambda g, i: triton_gather.scatter_add(g, i, vocab_size=7))(
             jax.ShapeDtypeStruct((5, 16), jnp.float32), ids
         )
     # No deprecated argument (out_shape, zeroed_outputs) on the installed jax-triton.
