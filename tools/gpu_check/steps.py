@@ -390,7 +390,11 @@ class Check:
 
     # 5.
     def benchmark(self, step: Step) -> None:
-        paths = {k: self.out / f"benchmark.{k}" for k in ("csv", "json", "png")}
+        # The benchmark's flag -> the file it writes.
+        paths = {
+            k: self.out / f"benchmark.{ext}"
+            for k, ext in (("csv", "csv"), ("json", "json"), ("plot", "png"))
+        }
         if self.dry:
             grid = lookup_argv(**DRY_RUN_BENCHMARK)
             step.note("dry run: a tiny grid on the CPU (not GPU figures); triton needs CUDA")
@@ -398,10 +402,7 @@ class Check:
             # JAX's start-up and the files' writing come on top of the measuring.
             grid = lookup_argv(grid="gpu", max_seconds=round(max(10.0, self.left() - 40)))
         flags = [*grid, *lookup_argv(passes=("fwd", "bwd"), choose=True, no_progress=True)]
-        files = lookup_argv(
-            **{k: paths[f] for k, f in (("csv", "csv"), ("json", "json"), ("plot", "png"))}
-        )
-        cmd = [self.python, "-m", "bench.lookup", *flags, *files]
+        cmd = [self.python, "-m", "bench.lookup", *flags, *lookup_argv(**paths)]
         step.data["command"] = " ".join(["python -m bench.lookup", *flags])
         step.data["command"] += " --csv/--json/--plot OUT/benchmark.{csv,json,png}"
         result = self.run(cmd, echo=60)
