@@ -124,6 +124,26 @@ class _Config:
             return body(0, carry)
         return lax.fori_loop(0, self.num_vocab_chunks, body, carry)
 
+    def checked_label(self, label, targets):
+        """The target logits, NaN for a target outside the vocabulary (as optax)."""
+        return jnp.where((targets >= 0) & (targets < self.vocab_size), label, jnp.nan)
+
+    def token_loss(self, lse, label, keep):
+        """Each token's ``lse - logit[target] + z_loss * lse**2``; 0 where not ``keep``."""
+        return jnp.where(keep, lse - label + self.z_loss * lse**2, 0.0)
+
+    def logits_grad(self, probs, hit, lse, coef, slope):
+        """The float32 gradient of ``coef * token_loss`` with respect to the raw logits.
+
+        ``softmax * (1 + 2 z lse) - onehot(target)``, times ``1 - tanh**2`` under a
+        cap. ``probs - hit`` comes first: exact where a probability rounds to 1.
+        """
+        grad = probs - hit
+        if self.z_loss:
+            grad = grad + (2.0 * self.z_loss * lse)[:, None] * probs
+        grad = coef[:, None] * grad
+        return grad if slope is None else grad * slope
+
 
 def _zeros(shape, *like, fill=0.0):
     """Float32 ``fill`` of ``shape``, varying over the mesh axes that ``like`` vary over.
@@ -183,31 +203,20 @@ def _lse_and_label(table, hidden, targets, cfg: _Config):
         peak = lax.pmax(running_max, cfg.axis_name)
         total = lax.psum(total * jnp.exp(running_max - peak), cfg.axis_name)
         running_max, label = peak, lax.psum(label, cfg.axis_name)
-    lse = running_max + jnp.log(total)
-    in_range = (targets >= 0) & (targets < cfg.vocab_size)
-    return lse, jnp.where(in_range, label, jnp.nan)
+    return running_max + jnp.log(total), cfg.checked_label(label, targets)
 
 
 def _chunk_grads(table, hidden, targets, lse, coef, grad_table, cfg: _Config):
     """Adds one chunk's table gradient into ``grad_table``; returns its hidden gradient.
 
-    ``coef``: [C] float32, each token's cotangent (0 for masked tokens). The gradient of
-    ``lse - logit[target] + z * lse**2`` with respect to the capped logits is
-    ``softmax * (1 + 2 z lse) - onehot(target)``, times ``1 - tanh**2`` under a cap.
+    ``coef``: [C] float32, each token's cotangent (0 for masked tokens).
     """
 
     def body(j, carry):
         grad_hidden, grad_table = carry  # [C, D], [V, D] float32
         logits, slope, rows, start, columns, valid = cfg.block(table, hidden, j)
         probs = jnp.exp(logits - lse[:, None])  # [C, Vc]
-        hit = columns == targets[:, None]
-        # softmax - onehot first: exact where a probability rounds to 1 (no cancellation).
-        grad = probs - hit
-        if cfg.z_loss:
-            grad = grad + (2.0 * cfg.z_loss * lse)[:, None] * probs
-        grad = coef[:, None] * grad
-        if slope is not None:
-            grad = grad * slope
+        grad = cfg.logits_grad(probs, columns == targets[:, None], lse, coef, slope)
         grad = jnp.where(valid, grad, 0.0)  # [C, Vc] float32: gradient of raw logits
         grad_hidden = grad_hidden + cfg.matmul(grad, rows)
         block = cfg.matmul(grad.T, hidden)  # [Vc, D]
@@ -226,8 +235,7 @@ def _per_token(table, hidden, targets, keep, cfg: _Config):
     def step(_, chunk):
         h, t, k = chunk
         lse, label = _lse_and_label(table, h, t, cfg)
-        loss = lse - label + cfg.z_loss * lse**2
-        return None, (jnp.where(k, loss, 0.0), lse)
+        return None, (cfg.token_loss(lse, label, k), lse)
 
     _, (loss, lse) = lax.scan(step, None, (hidden, targets, keep))
     return loss, lse
@@ -272,16 +280,9 @@ def _one_block_loss_and_grads(table, hidden, targets, weights, grad_table, cfg: 
         shifted = shifted * jnp.exp(shard_peak - peak)
         label = lax.psum(label, cfg.axis_name)
     lse = (peak + jnp.log(total))[:, 0]
-    in_range = (targets >= 0) & (targets < cfg.vocab_size)
-    label = jnp.where(in_range, label, jnp.nan)
-    loss = jnp.where(weights != 0, lse - label + cfg.z_loss * lse**2, 0.0)
-    probs = shifted / total
-    grad = probs - (columns == targets[:, None])
-    if cfg.z_loss:
-        grad = grad + (2.0 * cfg.z_loss * lse)[:, None] * probs
-    grad = weights[:, None] * grad
-    if slope is not None:
-        grad = grad * slope
+    label = cfg.checked_label(label, targets)
+    loss = cfg.token_loss(lse, label, weights != 0)
+    grad = cfg.logits_grad(shifted / total, columns == targets[:, None], lse, weights, slope)
     grad_hidden = cfg.matmul(grad, table)
     return loss, grad_hidden, grad_table + cfg.matmul(grad.T, hidden)
 
@@ -301,7 +302,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
             )
             return grad_table, (loss, grad_hidden)
         lse, label = _lse_and_label(table, h, t, cfg)
-        loss = jnp.where(w != 0, lse - label + cfg.z_loss * lse**2, 0.0)
+        loss = cfg.token_loss(lse, label, w != 0)
         grad_hidden, grad_table = _chunk_grads(table, h, t, lse, w, grad_table, cfg)
         return grad_table, (loss, grad_hidden)
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -412,48 +411,3 @@ def apply_sharded(
         deterministic=module.deterministic,
     )
     return module._finish(rows)  # The layer's own output dtype and scaling.
-
-
-# --- What the benchmark times ----------------------------------------------------------
-
-
-def timing_case(
-    layout: str,
-    *,
-    vocab_size: int,
-    d_model: int,
-    num_tokens: int,
-    dtype=jnp.float32,
-    backend: str = "auto",
-    num_devices: int | None = None,
-    grad: bool = False,
-    seed: int = 0,
-) -> tuple[Callable, tuple, str]:
-    """A jitted sharded lookup over a 1-D mesh of ``num_devices``, its inputs, a label.
-
-    ``fn(*args)`` runs one lookup (or, with ``grad=True``, one forward plus table
-    gradient); the inputs are already placed as the layout wants them. The label says
-    ``CPU-simulated`` when the devices are host CPU devices
-    (``--xla_force_host_platform_device_count``), whose timings say nothing about GPUs.
-    """
-    check_layout(layout)
-    devices = jax.devices()[: num_devices or jax.device_count()]
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("shard",))
-    keys = jax.random.split(jax.random.key(seed))
-    table = jax.random.normal(keys[0], (vocab_size, d_model), dtype)
-    ids = jax.random.randint(keys[1], (num_tokens,), 0, vocab_size, jnp.int32)
-    table_spec = {"vocab": P("shard", None), "model": P(None, "shard"), "data": P()}[layout]
-    ids_spec = P("shard") if layout == "data" and num_tokens % len(devices) == 0 else P()
-    table = jax.device_put(table, NamedSharding(mesh, table_spec))
-    ids = jax.device_put(ids, NamedSharding(mesh, ids_spec))
-    lookup = functools.partial(
-        sharded_lookup, mesh=mesh, layout=layout, axis_name="shard", backend=backend
-    )
-    if grad:
-        fn = jax.jit(jax.value_and_grad(lambda t, i: lookup(t, i).astype(jnp.float32).sum()))
-    else:
-        fn = jax.jit(lookup)
-    platform = devices[0].platform
-    where = "CPU-simulated" if platform == "cpu" else platform.upper()
-    label = f"{layout}-parallel x{len(devices)} ({where}, backend={backend})"
-    return fn, (table, ids), label

@@ -8,10 +8,12 @@ GB of memory; they run only when asked for: ``pytest -m large`` (``--config=larg
 import jax
 import pytest
 
+from tests.gpu_selection import MARKERS
+
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bazel test --config=gpu)")
-    config.addinivalue_line("markers", "large: needs several GB of memory (--config=large)")
+    for marker, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{marker}: {what}")
     # pytest turns every DeprecationWarning on, over the filter the library installs for
     # this one (kernels/compat.py); tests/kernels/test_compat.py checks that filter.
     config.addinivalue_line(

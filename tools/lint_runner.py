@@ -15,7 +15,7 @@ import sys
 
 
 def _is_python(path: str) -> bool:
-    """A *.py file, or an extensionless script whose shebang runs Python (tools/gpu_check)."""
+    """A *.py file, or an extensionless script whose shebang runs Python."""
     if path.endswith(".py"):
         return True
     if "." in os.path.basename(path):

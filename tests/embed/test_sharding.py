@@ -442,7 +442,7 @@ def test_jitted_training_step_runs_sharded(layout, backend):
     assert len(model.embed.embedding[...].sharding.device_set) == NUM_DEVICES
 
 
-# --- Validation, and the timing hook ---------------------------------------------------
+# --- Validation ----------------------------------------------------------------------------
 
 
 @needs_devices
@@ -458,19 +458,6 @@ def test_bad_arguments_are_rejected():
         )
     with pytest.raises(ValueError, match=r"batch_axis='x' must be None for layout='data'"):
         sharding.sharded_lookup(table, ids, mesh=mesh, layout="data", axis_name="x", batch_axis="x")
-
-
-@needs_devices
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_timing_case_runs_and_says_cpu_simulated(layout):
-    fn, args, label = sharding.timing_case(
-        layout, vocab_size=64, d_model=16, num_tokens=32, grad=True
-    )
-    value, grad = fn(*args)
-    table, ids = args
-    np.testing.assert_allclose(value, lookup(table, ids).sum(), rtol=1e-5)
-    assert grad.shape == table.shape
-    assert label == f"{layout}-parallel x{NUM_DEVICES} (CPU-simulated, backend=auto)"
 
 
 # --- The tied loss under the data-parallel layout ---------------------------------------

@@ -1,17 +1,18 @@
 """tools/gpu_check: its dry run end to end, and that a failing step fails the run.
 
-The dry run is the CPU form of what a lent GPU runs (README, "GPU tests"), so CI checks
-the script before a GPU ever sees it. Under Bazel it runs inside the runfiles tree,
-found through TEST_SRCDIR; from a checkout, beside this file.
+The dry run is the CPU form of the check a CUDA machine runs (README, "GPU tests"), so
+CI checks the tool before a GPU ever sees it. It runs as ``python3 tools/gpu_check``:
+under Bazel inside the runfiles tree, found through TEST_SRCDIR; from a checkout, beside
+this file.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
+import ast
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -19,6 +20,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests import gpu_selection
+from tools.gpu_check import running, steps, wheels
+from tools.gpu_check.summary import coverage, junit_counts
 
 
 def _repo_root() -> Path:
@@ -30,18 +35,6 @@ def _repo_root() -> Path:
 
 ROOT = _repo_root()
 GPU_CHECK = ROOT / "tools" / "gpu_check"
-
-
-def _load_gpu_check():
-    # An executable without .py: loaded from its path for the unit tests below.
-    loader = importlib.machinery.SourceFileLoader("gpu_check", str(GPU_CHECK))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check", loader))
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there.
-    loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_gpu_check()
 
 
 def _run(*args, timeout=600) -> subprocess.CompletedProcess:
@@ -95,7 +88,7 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     }
     assert "skipped: no nvidia-smi on this machine (dry run)" in summary
     assert "skipped: no --wheels given" in summary
-    assert "- Command: `tools/gpu_check --dry-run --out" in summary
+    assert "- Command: `python3 tools/gpu_check --dry-run --out" in summary
     assert re.search(r"- Versions: jax \d", summary)
 
     tests = re.search(
@@ -105,7 +98,7 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     passed, failed, skipped = map(int, re.findall(r"(\d+) \w+", tests.group(2))[:3])
     assert (passed, failed) == (0, 0) and skipped > 0  # No GPU: every gpu test skips.
     cover = re.search(r"- The gpu tests cover: (.*)", summary).group(1)
-    for what in gpu_check.REQUIRED_TESTS:
+    for what in gpu_selection.REQUIRED:
         found = re.search(re.escape(what) + r" \(0 of (\d+) passed\)", cover)
         assert found and int(found.group(1)) > 0, what
 
@@ -120,26 +113,45 @@ def test_dry_run_headline_ratios_come_from_the_benchmark_json(dry_run):
     assert {r["platform"] for r in rows} == {"cpu"}
     assert {r["pass"] for r in rows} == {"fwd", "bwd"}
     assert {(r["dtype"], r["ids"]) for r in rows} == {
-        (dt, ids) for dt in ("float32", "bfloat16") for ids in ("uniform", "zipf")
+        ("bfloat16", ids) for ids in ("uniform", "zipf")
     }
     assert all(r["status"] == "skipped" for r in rows if r["provider"] == "triton")
     summary = (out / "summary.md").read_text()
     for pass_ in ("fwd", "bwd"):
         ratios = [r["vs_copy"] for r in rows if r["provider"] == "xla" and r["pass"] == pass_]
         line = re.search(
-            rf"^\| xla \| {pass_} \| 4 \| 1\.00 \[1\.00, 1\.00\] \| (.*?) \[", summary, re.M
+            rf"^\| xla \| {pass_} \| 2 \| 1\.00 \[1\.00, 1\.00\] \| (.*?) \[", summary, re.M
         )
         assert line, summary
-        geomean = gpu_check._geomean(ratios)
+        geomean = statistics.geometric_mean(ratios)
         assert float(line.group(1)) == pytest.approx(geomean, abs=0.006)
     # Interpreted Pallas is not a speed figure: no ratio of it in the summary.
     assert "pallas (interpret) |" not in summary
 
 
+def _test_names() -> set[str]:
+    """The names of the test functions in the tree's gpu test paths, read without importing."""
+    names = set()
+    for top in gpu_selection.PATHS:
+        for path in (ROOT / top).rglob("test_*.py"):
+            tree = ast.parse(path.read_text())
+            names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    return {n for n in names if n.startswith("test_")}
+
+
+def test_the_selections_name_tests_that_exist():
+    names = _test_names()
+    for what, part in gpu_selection.REQUIRED.items():
+        assert any(part in n for n in names), f"no test named *{part}* for {what}"
+    for keyword in gpu_selection.MEMCHECK_KEYWORDS.split(" or "):
+        assert any(keyword in n for n in names), f"no test matches the memcheck keyword {keyword}"
+
+
 def _fake_repo(tmp_path: Path, test_source: str) -> Path:
     repo = tmp_path / "repo"
-    (repo / "tools").mkdir(parents=True)
-    (repo / "tools" / "benchmark.py").write_text("")
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "__init__.py").write_text("")
+    (repo / "bench" / "lookup.py").write_text("")
     (repo / "tests").mkdir()
     (repo / "tests" / "test_one.py").write_text(test_source)
     return repo
@@ -188,14 +200,14 @@ def _wheel(directory: Path, name: str, version: str, requires: tuple[str, ...] =
 
 
 def test_wheels_go_to_a_temporary_target_not_the_machine(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(wheels, "gpu_check_probe", "1.2.3")
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    _wheel(wheel_dir, "gpu_check_probe", "1.2.3")
     out = tmp_path / "out"
-    proc = _run("--dry-run", "--out", out, "--wheels", wheels, "--steps", "wheels,summary")
+    proc = _run("--dry-run", "--out", out, "--wheels", wheel_dir, "--steps", "wheels,summary")
     assert proc.returncode == 0, _output(proc)
     assert "now visible: gpu-check-probe 1.2.3" in proc.stdout
-    assert "gpu-check-probe 1.2.3 (carried wheel)" in (out / "summary.md").read_text()
+    assert "gpu-check-probe 1.2.3 (from --wheels)" in (out / "summary.md").read_text()
     # The interpreter's own site-packages never saw it, and the target is gone.
     check = subprocess.run([sys.executable, "-c", "import gpu_check_probe"], capture_output=True)
     assert check.returncode != 0
@@ -204,11 +216,11 @@ def test_wheels_go_to_a_temporary_target_not_the_machine(tmp_path):
 
 
 def test_a_wheel_that_replaces_a_machine_package_fails(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(wheels, "numpy", "0.0.1")
+    wheel_dir = tmp_path / "wheels"
+    wheel_dir.mkdir()
+    _wheel(wheel_dir, "numpy", "0.0.1")
     out = tmp_path / "out"
-    proc = _run("--dry-run", "--out", out, "--wheels", wheels, "--steps", "wheels,summary")
+    proc = _run("--dry-run", "--out", out, "--wheels", wheel_dir, "--steps", "wheels,summary")
     assert proc.returncode == 1, _output(proc)
     assert re.search(
         r"FAIL: the wheels replace the machine's own packages: numpy \S+ -> 0\.0\.1", proc.stdout
@@ -218,30 +230,30 @@ def test_a_wheel_that_replaces_a_machine_package_fails(tmp_path):
 def test_a_command_past_its_limit_is_interrupted():
     start = time.monotonic()
     code = "import time; print('started', flush=True); time.sleep(120)"
-    result = gpu_check.run_command([sys.executable, "-c", code], timeout=2, echo=0)
+    result = running.run_command([sys.executable, "-c", code], timeout=2, echo=0)
     assert result.timed_out and result.returncode != 0
     assert result.lines[0] == "started"
-    assert time.monotonic() - start < 2 + gpu_check.GRACE_S
+    assert time.monotonic() - start < 2 + running.GRACE_S
 
 
 def test_a_command_that_ignores_sigint_is_killed(monkeypatch):
-    monkeypatch.setattr(gpu_check, "GRACE_S", 1.0)
+    monkeypatch.setattr(running, "GRACE_S", 1.0)
     code = (
         "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
         "print('started', flush=True); time.sleep(120)"
     )
     start = time.monotonic()
-    result = gpu_check.run_command([sys.executable, "-c", code], timeout=2, echo=0)
+    result = running.run_command([sys.executable, "-c", code], timeout=2, echo=0)
     assert result.timed_out and result.returncode == -9
     assert time.monotonic() - start < 20
 
 
 def test_step_limits_share_the_budget():
-    limits = gpu_check.step_limits(450)
-    assert tuple(limits) == gpu_check.STEPS
+    limits = steps.step_limits(450)
+    assert tuple(limits) == steps.STEPS
     assert sum(limits.values()) == pytest.approx(450)
     assert limits["tests"] > limits["versions"] and limits["benchmark"] > limits["wheels"]
-    assert set(gpu_check.step_limits(10).values()) == {gpu_check.MIN_LIMIT_S}
+    assert set(steps.step_limits(10).values()) == {steps.MIN_LIMIT_S}
 
 
 def test_junit_counts_and_coverage(tmp_path):
@@ -254,39 +266,30 @@ def test_junit_counts_and_coverage(tmp_path):
         '<testcase classname="b" name="test_out_of_range_x"><skipped message="no GPU"/></testcase>'
         "</testsuite></testsuites>"
     )
-    counts = gpu_check.junit_counts(xml)
+    counts = junit_counts(xml)
     assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1)
     assert counts["skip_reasons"] == {"no GPU": 1}
-    cover = gpu_check.coverage(counts)
+    cover = coverage(counts)
     assert cover["nnx.jit"] == (1, 2)
     assert cover["out-of-range modes"] == (0, 1)
     assert cover["gradients"] == (0, 0)
 
 
-def _load_gpu_wheels():
-    path = ROOT / "tools" / "gpu_wheels"
-    loader = importlib.machinery.SourceFileLoader("gpu_wheels", str(path))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_wheels", loader))
-    loader.exec_module(module)
-    return module
-
-
-def test_gpu_wheels_checks_requirements_against_the_image(tmp_path):
-    gpu_wheels = _load_gpu_wheels()
+def test_wheels_checks_requirements_against_the_machine(tmp_path):
     good = tmp_path / "good"
     good.mkdir()
     _wheel(good, "other", "1.0")
     requires = ("jax>=0.8.2", "triton>=3.6", "other", 'pytest; extra == "tests"')
     _wheel(good, "jax_triton", "1.0", requires)
-    assert gpu_wheels.check(good) == []
+    assert wheels.check(good) == []
     bad = tmp_path / "bad"
     bad.mkdir()
     _wheel(bad, "jax_triton", "1.0", ("jax>=0.12", "somethingelse"))
     _wheel(bad, "jaxlib", "0.12.0")
-    problems = gpu_wheels.check(bad)
-    assert any("needs jax>=0.12; the image has jax 0.11.2" in p for p in problems), problems
-    assert any("needs somethingelse: not in the image" in p for p in problems), problems
-    assert any("the image has jaxlib already" in p for p in problems), problems
+    problems = wheels.check(bad)
+    assert any("needs jax>=0.12; the machine has jax 0.11.2" in p for p in problems), problems
+    assert any("needs somethingelse: not on the machine" in p for p in problems), problems
+    assert any("the machine has jaxlib already" in p for p in problems), problems
 
 
 # --- The GPU form of the steps, on this CPU, against stand-ins ---------------------------
@@ -361,7 +364,7 @@ def test_gpu_form_fails_when_gpu_tests_skip(tmp_path):
 
 def _fake_benchmark(repo: Path, rows: list[dict]) -> None:
     (repo / "rows.json").write_text(json.dumps(rows))
-    (repo / "tools" / "benchmark.py").write_text(
+    (repo / "bench" / "lookup.py").write_text(
         "import json, shutil, sys\n"
         "args = dict(a.split('=', 1) for a in sys.argv[1:] if '=' in a)\n"
         "shutil.copy('rows.json', args['--json'])\n"

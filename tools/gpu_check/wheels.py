@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Fetch the wheels a lent GPU machine needs, into DIR (default .whl), for tools/gpu_check.
+"""Fetch the wheels gpu_check installs on a CUDA machine, into DIR (default .whl).
 
-    tools/gpu_wheels [DIR]
+    python3 tools/gpu_check/wheels.py [DIR]
+    python3 tools/gpu_check --out OUT --wheels DIR        # then, on the CUDA machine
 
-The GPU image has no network and no jax-triton; everything else the kit uses is there
-(jax/jaxlib 0.11.2 with the CUDA 13 plugin, triton 3.6.0, flax, pytest, ...). This runs
-``pip download`` for CPython 3.12 on manylinux x86_64 (the device tool's recipe), with
-``--no-deps``, then reads each wheel's Requires-Dist and checks it against the image's
-recorded versions, so that nothing carried needs, or brings, another jax. It exits
-non-zero when a requirement is not met by the image (name it in WHEELS too) or when DIR
-holds a wheel of a package the image already has (it would shadow the image's own).
+The CUDA machines this project is checked on run CPython 3.12 with jax/jaxlib 0.11.2
+and the CUDA 13 plugin, triton 3.6.0, flax, pytest and matplotlib (the versions of the
+``gpu_image`` stack, requirements_gpu_image.in), but no jax-triton, which the ``triton``
+backend needs: jax-triton 0.3.1 is the release for triton 3.6 (0.4 needs triton >= 3.7).
+Such a machine may have no network, so the wheel is fetched beforehand on a machine
+that has one: ``pip download`` for CPython 3.12 on manylinux x86_64, with ``--no-deps``.
+Each wheel's Requires-Dist is then checked against the machine's recorded versions
+(MACHINE), so that nothing installed needs, or brings, another jax. It exits non-zero
+when a requirement is not met by the machine (name it in WHEELS too) or when DIR holds a
+wheel of a package the machine already has (it would shadow the machine's own).
 
-DIR is ignored by git (.whl/ in .gitignore) and travels with the device call through
-``carry``; see README, "GPU tests".
+DIR is ignored by git (.whl/ in .gitignore); copy it to the CUDA machine with the
+checkout. See README, "GPU tests".
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
 )
-# The GPU image's packages, as read on such a machine in 2026-11 (the device tool's
-# KINDS.md); None: installed, version not recorded.
-IMAGE = {
+# The CUDA machine's packages, as read on such a machine in 2026-11; None: installed,
+# version not recorded.
+MACHINE = {
     "jax": "0.11.2",
     "jaxlib": "0.11.2",
     "jax-cuda13-plugin": "0.11.2",
@@ -74,33 +78,35 @@ def requirements(wheel: Path) -> list[str]:
 
 
 def check(directory: Path) -> list[str]:
-    """Problems with the wheels in ``directory`` on the GPU image; empty when none."""
+    """Problems with the wheels in ``directory`` on the CUDA machine; empty when none."""
     Requirement = _requirement_cls()
     wheels = sorted(directory.glob("*.whl"))
-    carried = {_normalize(w.name.split("-")[0]): w for w in wheels}
+    fetched = {_normalize(w.name.split("-")[0]): w for w in wheels}
     problems = []
     if not wheels:
         problems.append(f"{directory} holds no *.whl")
-    for name, wheel in carried.items():
-        if name in IMAGE:
-            problems.append(f"{wheel.name}: the image has {name} already; carrying it shadows it")
+    for name, wheel in fetched.items():
+        if name in MACHINE:
+            problems.append(
+                f"{wheel.name}: the machine has {name} already; installing it shadows it"
+            )
     for wheel in wheels:
         for text in requirements(wheel):
             req = Requirement(text)
             name = _normalize(req.name)
-            if name in carried:
-                print(f"  {wheel.name}: {text}: carried")
+            if name in fetched:
+                print(f"  {wheel.name}: {text}: fetched too")
                 continue
-            if name not in IMAGE:
-                problems.append(f"{wheel.name} needs {text}: not in the image; carry it too")
+            if name not in MACHINE:
+                problems.append(f"{wheel.name} needs {text}: not on the machine; fetch it too")
                 continue
-            have = IMAGE[name]
+            have = MACHINE[name]
             if have is None:
-                print(f"  {wheel.name}: {text}: in the image (version not recorded)")
+                print(f"  {wheel.name}: {text}: on the machine (version not recorded)")
             elif req.specifier.contains(have, prereleases=True):
-                print(f"  {wheel.name}: {text}: the image has {have}")
+                print(f"  {wheel.name}: {text}: the machine has {have}")
             else:
-                problems.append(f"{wheel.name} needs {text}; the image has {name} {have}")
+                problems.append(f"{wheel.name} needs {text}; the machine has {name} {have}")
     return problems
 
 
@@ -117,14 +123,14 @@ def main(argv: list[str]) -> int:
     cmd += ["-d", str(directory), *WHEELS]
     print("$ " + " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode:
-        print("gpu_wheels: pip download failed", file=sys.stderr)
+        print("wheels: pip download failed", file=sys.stderr)
         return 1
     problems = check(directory)
     total = sum(w.stat().st_size for w in directory.glob("*.whl"))
     for problem in problems:
-        print(f"gpu_wheels: {problem}", file=sys.stderr)
+        print(f"wheels: {problem}", file=sys.stderr)
     names = ", ".join(w.name for w in sorted(directory.glob("*.whl")))
-    print(f"gpu_wheels: {directory}: {names} ({total / 1024:.0f} KiB)")
+    print(f"wheels: {directory}: {names} ({total / 1024:.0f} KiB)")
     return 1 if problems else 0
 
 
