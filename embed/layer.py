@@ -8,7 +8,7 @@
 Both are ``_Embedding``, a subclass of ``nnx.Embed``: the same table, lookup, ``attend``
 and gradient; they differ only in the defaults their constructors document. Being
 ``nnx.Embed`` instances, both are found by code that dispatches on that type (a
-re-initialisation loop over ``model.iter_modules()``, a weight-decay mask), and a
+re-initialisation loop over ``nnx.iter_modules(model)``, a weight-decay mask), and a
 subclass written for ``nnx.Embed`` (a ``__call__`` that scales ``super().__call__``)
 can derive from either and keep its backend.
 
