@@ -5,8 +5,18 @@
 * ``MyEmbed`` keeps the seed's names and defaults: ``MyEmbed(vocab_size, d_model, rngs)``,
   a unit-normal table, ``mode="clip"`` and the logical axes ``("vocab", "embed")``.
 
-Both are ``_Embedding``: the same table, lookup, ``attend`` and gradient; they differ
-only in the defaults their constructors document.
+Both are ``_Embedding``, a subclass of ``nnx.Embed``: the same table, lookup, ``attend``
+and gradient; they differ only in the defaults their constructors document. Being
+``nnx.Embed`` instances, both are found by code that dispatches on that type (a
+re-initialisation loop over ``nnx.iter_modules(model)``, a weight-decay mask), and a
+subclass written for ``nnx.Embed`` (a ``__call__`` that scales ``super().__call__``)
+can derive from either and keep its backend.
+
+Their graph definitions hold what ``nnx.Embed``'s do, plus this library's options:
+``num_embeddings``, ``features``, ``dtype``, ``param_dtype``, ``promote_dtype``, then
+``backend``, ``mode``, ``fill_value``, ``scale_by_sqrt_d`` and ``deterministic``. The
+initializer is used once and not kept, as in ``nnx.Embed``: layers equal in
+configuration have equal graph definitions, and ``nnx.jit`` traces them once.
 """
 
 from __future__ import annotations
@@ -30,8 +40,13 @@ from kernels.contract import SUPPORTED_DTYPES, check_dtype
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-class _Embedding(nnx.Module):
-    """The implementation behind ``Embed`` and ``MyEmbed``; see their docstrings."""
+class _Embedding(nnx.Embed):
+    """The implementation behind ``Embed`` and ``MyEmbed``; see their docstrings.
+
+    It sets its attributes itself (``_setup``) rather than through
+    ``nnx.Embed.__init__``, and overrides ``__call__`` and ``attend``: no code of
+    ``nnx.Embed`` runs, only its type is shared.
+    """
 
     def _setup(
         self,
@@ -58,10 +73,9 @@ class _Embedding(nnx.Module):
         self.mode = ids.check_mode(mode)
         if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise TypeError(f"dtype={jnp.dtype(dtype)!r} must be a floating dtype")
-        self.fill_value = fill_value
+        self.fill_value = _canonical_fill(fill_value)
         self.scale_by_sqrt_d = scale_by_sqrt_d
         self.deterministic = deterministic
-        self.embedding_init = embedding_init
         self.param_dtype = param_dtype
         self.promote_dtype = promote_dtype
         # One draw from the params stream, as nnx.Embed makes it: the same rngs give the
@@ -240,6 +254,15 @@ class Embed(_Embedding):
     "Replacing ``nnx.Embed``" lists what differs (16-bit gradients are accumulated in
     float32, more accurately than XLA's 16-bit scatter).
 
+    It is an ``nnx.Embed``: ``isinstance(layer, nnx.Embed)`` holds, and a subclass
+    written as for ``nnx.Embed`` keeps this layer's backends:
+
+    >>> class ScaledEmbed(Embed):
+    ...     def __call__(self, inputs):
+    ...         return super().__call__(inputs) * jnp.sqrt(self.features).astype(self.dtype)
+    >>> isinstance(ScaledEmbed(5, 4, rngs=nnx.Rngs(0), backend="xla"), nnx.Embed)
+    True
+
     Example:
 
     >>> import jax.numpy as jnp
@@ -256,8 +279,9 @@ class Embed(_Embedding):
       param_dtype: dtype of the table: float32, bfloat16 or float16 (the dtypes every
         backend supports; ``nnx.Embed`` takes any).
       embedding_init: the table's initializer, ``nnx.Embed``'s by default (variance
-        scaling, fan-in, normal). ``nnx.with_partitioning(init, axes)`` partitions the
-        table, as for ``nnx.Embed``.
+        scaling, fan-in, normal), called once and not kept, as by ``nnx.Embed``.
+        ``nnx.with_partitioning(init, axes)`` partitions the table, as for
+        ``nnx.Embed``.
       promote_dtype: as ``nnx.Embed``'s; a custom one is applied to the table before
         the lookup, and must return a dtype the backends support.
       rngs: the ``nnx.Rngs`` whose ``params`` stream draws the table, once.
@@ -324,6 +348,14 @@ class MyEmbed(_Embedding):
     The forward is ``embedding[token_ids]``, through the backend you choose; every
     backend gives bit-identical outputs, and table gradients accumulated in float32.
     The seed's face of ``Embed``: it takes the same keywords, with the seed's defaults.
+
+    It is an ``nnx.Embed`` too. NNX code asks that type which modules hold a token
+    table: re-initialisation loops, weight-decay masks, counts of non-embedding
+    parameters. ``MyEmbed`` holds that table under the same name, with ``nnx.Embed``'s
+    attributes, ``attend`` and call (positionally; the ids' keyword is the seed's
+    ``token_ids``), so such code must find it rather than skip it silently. Only its
+    constructor's defaults differ (unit-normal table, ``mode="clip"``, logical axes),
+    and a constructor is no part of what such code relies on.
 
     Example:
 
@@ -400,6 +432,17 @@ class MyEmbed(_Embedding):
 
 
 _MAX_VOCAB = 2**31 - 1  # Ids are int32 once validated.
+
+# The one NaN a layer stores: NaN != NaN, and Python hashes each NaN object apart, so
+# two layers holding distinct NaN objects would have graph definitions that differ.
+_NAN = float("nan")
+
+
+def _canonical_fill(fill_value):
+    """``fill_value``, with every NaN replaced by ``_NAN`` (a static graph attribute)."""
+    if isinstance(fill_value, numbers.Real) and math.isnan(fill_value):
+        return _NAN
+    return fill_value
 
 
 def _positive_int(name: str, value) -> int:

@@ -69,6 +69,7 @@ def test_swap_gives_the_same_parameters_from_the_same_seed(backend):
     _, flax_model, ours_model = _models(backend)
     assert type(flax_model.wte) is nnx.Embed
     assert isinstance(ours_model.wte, embed.Embed) and ours_model.wte.backend == backend
+    assert isinstance(ours_model.wte, nnx.Embed)  # Found by code that asks the type.
     _assert_trees_bits_equal(
         nnx.to_pure_dict(nnx.state(ours_model, nnx.Param)),
         nnx.to_pure_dict(nnx.state(flax_model, nnx.Param)),
@@ -108,3 +109,24 @@ def test_one_optax_step_matches(backend):
         )
     else:  # The float32 gradient is XLA's own scatter-add: the step is bit-identical.
         _assert_trees_bits_equal(params[1], params[0])
+
+
+@pytest.mark.parametrize("import_line", [FLAX_IMPORT, OURS_IMPORT])
+def test_models_from_two_seeds_share_one_trace(import_line):
+    # model.py builds a new initializer object for every model: like nnx.Embed, ours
+    # keeps it out of the graph definition, so nnx.jit reuses its trace.
+    module = load_model(import_line)
+    traces = []
+
+    @nnx.jit
+    def forward(model, tokens):
+        traces.append(None)  # Runs only when nnx.jit traces.
+        return model(tokens)
+
+    first, second = (module.Transformer(module.Config(), rngs=nnx.Rngs(s)) for s in (0, 1))
+    assert nnx.graphdef(first) == nnx.graphdef(second)
+    tokens = _batch()[:, :16]
+    forward(first, tokens)
+    logits = forward(second, tokens)
+    assert len(traces) == 1
+    np.testing.assert_allclose(logits, second(tokens), rtol=1e-5, atol=1e-6)
