@@ -36,7 +36,7 @@ from jax import lax
 
 import embed
 from bench.options import ID_DISTRIBUTIONS, PASSES, PROVIDERS
-from embed import sharding
+from embed import parallel
 from kernels import contract, reference
 
 # --- The library, as the benchmarks call it ----------------------------------------------
@@ -48,9 +48,9 @@ backend_for = embed.backend_for  # ("auto", platform) -> the backend it lowers t
 MODES = embed.MODES
 MyEmbed = embed.MyEmbed
 attend_cross_entropy = embed.attend_cross_entropy  # the blocked tied loss
-LAYOUTS = sharding.LAYOUTS
-check_layout = sharding.check_layout  # layout -> layout, or ValueError
-sharded_lookup = sharding.sharded_lookup
+LAYOUTS = parallel.LAYOUTS
+check_layout = parallel.check_layout  # layout -> layout, or ValueError
+sharded_lookup = parallel.sharded_lookup
 # The oracle of the tied loss, and the rows every backend reads for ids.
 attend_cross_entropy_reference = reference.attend_cross_entropy_reference
 wrap_and_clamp = contract.wrap_and_clamp
