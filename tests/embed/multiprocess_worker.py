@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -265,7 +266,7 @@ def run_checks() -> tuple[dict, dict]:
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
 
-    from embed import MyEmbed, lookup
+    from embed import MyEmbed
     from embed.loss import attend_cross_entropy, vocab_parallel_attend_cross_entropy
     from embed.sharding import apply_sharded, logical_axis_rules, shard_module, sharded_lookup
 
@@ -294,8 +295,6 @@ def run_checks() -> tuple[dict, dict]:
                 )
                 exact = "bits" if layout != "data" else "close"
                 arrays[f"{exact}/grad/{key}"] = _fetch(grad)
-
-    _mark("layouts")
 
     # The three modes, eager and jitted, through sharded_lookup and a placed MyEmbed.
     def sharded(mode):
@@ -328,13 +327,12 @@ def run_checks() -> tuple[dict, dict]:
         clip, error = make("clip"), make("error")
         arrays[f"bits/float_ids/{path}"] = _fetch(clip(placed_table, env.split(floats)))
         split_fractional = env.split(fractional)
-        messages[f"float_ids/{path}"] = _message(lambda: clip(placed_table, split_fractional))
+        messages[f"float_ids/{path}"] = _message(partial(clip, placed_table, split_fractional))
         split_bad = env.split(bad)
-        messages[f"error/eager/{path}"] = _message(lambda: error(placed_table, split_bad))
+        messages[f"error/eager/{path}"] = _message(partial(error, placed_table, split_bad))
         err, _ = _checkified(error, placed_table, split_bad)
         messages[f"error/jit/{path}"] = _message(err.throw)
 
-    _mark("modes")
     # The tied losses: vocab-parallel (rows split, tokens replicated) and data-parallel
     # (tokens split, the table replicated, jit partitions the chunked loss).
     table, hidden, targets = _loss_inputs()
@@ -360,7 +358,6 @@ def run_checks() -> tuple[dict, dict]:
         arrays[f"close/loss/{name}/grad_table"] = _fetch(grads[0])
         arrays[f"close/loss/{name}/grad_hidden"] = _fetch(grads[1])
 
-    _mark("losses")
     # A few jitted SGD steps of a small model, ids split across the processes.
     train_ids = env.split(_train_ids())
     targets = env.replicate(np.linspace(-1.0, 1.0, ROWS, dtype=np.float32))
@@ -378,7 +375,6 @@ def run_checks() -> tuple[dict, dict]:
             )
             arrays[f"close/train/{layout}/{backend}/table"] = _fetch(trained)
 
-    _mark("training")
     # docs/scaling.md's recipes as written, on jax.make_mesh's default axis types and on
     # Auto axes.
     make_mesh = jax.make_mesh
@@ -405,17 +401,7 @@ def run_checks() -> tuple[dict, dict]:
             messages[f"recipe/{kind}/axis_types"] = str(scope["mesh"].axis_types)
         finally:
             jax.make_mesh = make_mesh
-    _mark("recipes")
     return arrays, messages
-
-
-def _mark(phase, _last=[None]):
-    import time
-
-    now = time.perf_counter()
-    if _last[0] is not None:
-        print(f"{phase}: {now - _last[0]:.1f}s", file=sys.stderr, flush=True)
-    _last[0] = now
 
 
 def _probe_collectives() -> str | None:
@@ -453,7 +439,6 @@ def main(port: str, process_id: str, num_processes: str, out_dir: str) -> None:
     if problem:
         (out / f"{process_id}.json").write_text(json.dumps({"skip": problem}))
         return
-    _mark("start")
     arrays, messages = run_checks()
     np.savez(out / f"{process_id}.npz", **arrays)
     (out / f"{process_id}.json").write_text(json.dumps({"messages": messages}))

@@ -11,6 +11,7 @@ happens, before the fixture returns. Where the CPU collectives do not work, the
 workers' probe says why and every test here skips with that reason.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -37,12 +38,10 @@ def _free_port() -> int:
 
 
 def _kill(processes):
+    # The whole group, even if its leader exited: nothing a worker started survives.
     for p in processes:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
 
