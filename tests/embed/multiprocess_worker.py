@@ -398,6 +398,8 @@ def run_checks() -> tuple[dict, dict]:
                 exec(compile(block, f"{DOC}:recipe{i}", "exec"), scope)
                 arrays[f"recipe/{kind}/{i}/ids"] = _fetch(scope["ids"])
                 arrays[f"recipe/{kind}/{i}/out"] = _fetch(scope["out"])
+                spec = tuple(scope["layer"].embedding[...].sharding.spec)
+                messages[f"recipe/{kind}/{i}/table_spec"] = list(spec + (None,) * (2 - len(spec)))
             messages[f"recipe/{kind}/axis_types"] = str(scope["mesh"].axis_types)
         finally:
             jax.make_mesh = make_mesh

@@ -163,5 +163,7 @@ def test_doc_recipes_run_as_written(runs, kind):
             ids = got[f"recipe/{kind}/{i}/ids"]
             assert ids.shape == (NUM_PROCESSES * worker.RECIPE_IDS_SHAPE[0],) + ids.shape[1:]
             grid.assert_bits_equal(got[f"recipe/{kind}/{i}/out"], worker.expected_recipe(ids))
+            # The table is really split by rows over "tp", not left replicated.
+            assert messages[f"recipe/{kind}/{i}/table_spec"] == ["tp", None]
         if kind == "auto":
             assert "Explicit" not in messages[f"recipe/{kind}/axis_types"]
