@@ -13,6 +13,10 @@ Modes:
     under ``jax.jit`` a ``checkify`` check (wrap the function in
     ``jax.experimental.checkify.checkify`` and call ``err.throw()``).
 
+Concrete ids split across processes (``jax.make_array_from_process_local_data``)
+cannot be fetched by any one process: their checks (``"error"``, integral floats) run
+on the devices, and every process raises the same error.
+
 Ids of any integer width are saturated to int32, never wrapped: a vocabulary has at
 most ``2**31 - 1`` rows, so an id that does not fit in int32 is outside every
 vocabulary, and its saturated value is too, with the same sign. Every mode therefore
@@ -21,11 +25,13 @@ treats it as it would the original id.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 
 from kernels.reference import in_vocab
@@ -67,24 +73,30 @@ def _replicated(x: jax.Array):
 
 
 def _first_bad(values: jax.Array, bad: Callable[[jax.Array], jax.Array]):
-    """``(any bad, its flat position, its value)`` for ids spanning processes, on device.
+    """The first ``bad`` element's position and value, or None; for ids spanning processes.
 
-    One compiled reduction whose three scalars are replicated, so every process fetches
-    the same answer and raises (or not) alike; no process is left in a collective.
+    One compiled call of elementwise ops and whole-array reductions (no reshape or
+    indexing of the split array, which Explicit mesh axes could refuse), whose scalars
+    are replicated: every process fetches the same answer and raises (or not) alike,
+    and none is left waiting in a collective.
     """
 
     def reduce(x):
-        flat_bad = bad(x).reshape(-1)
-        position = jnp.argmax(flat_bad)
-        return flat_bad.any(), position, x.reshape(-1)[position]
+        flat = sum(
+            lax.broadcasted_iota(jnp.int32, x.shape, d) * math.prod(x.shape[d + 1 :])
+            for d in range(x.ndim)
+        )
+        first = jnp.min(jnp.where(bad(x), flat, x.size))
+        # The one element at ``first``, by a sum with zeros (exact, NaN and inf too).
+        return first, jnp.sum(jnp.where(flat == first, x, jnp.zeros((), x.dtype)))
 
     if not values.size:
         return None
     out = _replicated(values)
-    found, position, value = jax.jit(reduce, out_shardings=(out, out, out))(values)
-    if not bool(found):
+    first, value = jax.jit(reduce, out_shardings=(out, out))(values)
+    if int(first) == values.size:
         return None
-    return tuple(map(int, np.unravel_index(int(position), values.shape))), value.item()
+    return tuple(map(int, np.unravel_index(int(first), values.shape))), value.item()
 
 
 def _at(position: tuple[int, ...]) -> str:

@@ -178,6 +178,10 @@ def expected() -> tuple[dict[str, np.ndarray], dict[str, str]]:
         err, _ = _checkified(lambda t, i: lookup(t, i, mode="error"), table, bad)
         messages[f"error/jit/{path}"] = _message(err.throw)
 
+    arrays["bits/explicit/float_ids"] = lookup(table, floats)
+    arrays["bits/explicit/error"] = lookup(table, good)
+    messages["explicit/error"] = messages["error/eager/sharded"]
+
     table, hidden, targets = map(jnp.asarray, _loss_inputs())
     loss, grads = jax.value_and_grad(
         lambda t, h: attend_cross_entropy_reference(t, h, targets), argnums=(0, 1)
@@ -332,6 +336,16 @@ def run_checks() -> tuple[dict, dict]:
         messages[f"error/eager/{path}"] = _message(partial(error, placed_table, split_bad))
         err, _ = _checkified(error, placed_table, split_bad)
         messages[f"error/jit/{path}"] = _message(err.throw)
+
+    # The same eager checks on a mesh with Explicit axes (jax.make_mesh's default).
+    explicit = _Env(_mesh((jax.device_count(),), ("x",), AxisType.Explicit))
+    with jax.set_mesh(explicit.mesh):
+        data = partial(sharded_lookup, mesh=explicit.mesh, layout="data", axis_name="x")
+        placed = explicit.replicate(table)
+        arrays["bits/explicit/float_ids"] = _fetch(data(placed, explicit.split(floats)))
+        arrays["bits/explicit/error"] = _fetch(data(placed, explicit.split(good), mode="error"))
+        split_bad = explicit.split(bad)
+        messages["explicit/error"] = _message(partial(data, placed, split_bad, mode="error"))
 
     # The tied losses: vocab-parallel (rows split, tokens replicated) and data-parallel
     # (tokens split, the table replicated, jit partitions the chunked loss).

@@ -131,6 +131,7 @@ def test_layouts_and_backends_forward_and_gradient(runs, expected):
 def test_modes_eager_and_jitted_with_split_ids(runs, expected):
     _compare(runs, expected, "mode/")
     _compare(runs, expected, "float_ids/")
+    _compare(runs, expected, "explicit/")  # On a mesh with Explicit axes.
 
 
 def test_errors_raise_the_same_text_on_every_process(runs, expected):
