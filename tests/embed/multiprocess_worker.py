@@ -151,7 +151,6 @@ def expected() -> tuple[dict[str, np.ndarray], dict[str, str]]:
     import jax.numpy as jnp
 
     from embed import lookup
-    from embed.loss import attend_cross_entropy
     from kernels.reference import attend_cross_entropy_reference
 
     table, ids, grad_out, edge, good, bad, floats, fractional = _inputs()
@@ -171,11 +170,11 @@ def expected() -> tuple[dict[str, np.ndarray], dict[str, str]]:
         for how in ("eager", "jit"):
             for path in ("sharded", "layer"):
                 arrays[f"bits/mode/{mode}/{how}/{path}"] = out
+    err, _ = _checkified(lambda t, i: lookup(t, i, mode="error"), table, bad)
     for path in ("sharded", "layer"):
         arrays[f"bits/float_ids/{path}"] = lookup(table, floats)
-        messages[f"float_ids/{path}"] = _message(lambda: lookup(table, fractional))
-        messages[f"error/eager/{path}"] = _message(lambda: lookup(table, bad, mode="error"))
-        err, _ = _checkified(lambda t, i: lookup(t, i, mode="error"), table, bad)
+        messages[f"float_ids/{path}"] = _message(partial(lookup, table, fractional))
+        messages[f"error/eager/{path}"] = _message(partial(lookup, table, bad, mode="error"))
         messages[f"error/jit/{path}"] = _message(err.throw)
 
     arrays["bits/explicit/float_ids"] = lookup(table, floats)
@@ -190,7 +189,6 @@ def expected() -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays[f"close/loss/{name}"] = loss
         arrays[f"close/loss/{name}/grad_table"] = grads[0]
         arrays[f"close/loss/{name}/grad_hidden"] = grads[1]
-    del attend_cross_entropy
 
     train_ids = _train_ids()
     targets = jnp.linspace(-1.0, 1.0, ROWS)
