@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from embed import ids
 from kernels.contract import check_dtype
 from kernels.reference import REDUCTIONS
 
@@ -501,12 +502,7 @@ def _prepare(
     else:
         scale = jnp.float32(1.0)
     weights = jnp.where(keep, scale, 0.0)
-    targets = targets.reshape(num_tokens)
-    # Saturate into int32 (never wrap), then wrap a negative id once, as take_along_axis.
-    info = jnp.iinfo(targets.dtype)
-    targets = jnp.clip(targets, max(info.min, -(2**31)), min(info.max, 2**31 - 1))
-    targets = targets.astype(jnp.int32)
-    targets = jnp.where(targets < 0, targets + vocab_size, targets)
+    targets = ids.loss_targets(targets.reshape(num_tokens), vocab_size)
     hidden = hidden.reshape(num_tokens, d_model)
 
     num_chunks = -(-num_tokens // chunk)
