@@ -113,9 +113,7 @@ def riegeli_records(data: bytes) -> list[bytes]:
     records, chunk_begin = [], 0
     while chunk_begin < len(data):
         header, pos = _read_skipping_block_headers(data, chunk_begin, _CHUNK_HEADER_SIZE)
-        data_size, chunk_type, num_records, decoded_size = struct.unpack_from(
-            "<8xQ8xB7sQ", header
-        )
+        data_size, chunk_type, num_records, decoded_size = struct.unpack_from("<8xQ8xB7sQ", header)
         num_records = int.from_bytes(num_records, "little")
         body, _ = _read_skipping_block_headers(data, pos, data_size)
         if chunk_type == ord("r"):
@@ -199,6 +197,87 @@ def elf_images(blob: bytes) -> list[bytes]:
     return list(found)
 
 
+# ----------------------------------------------------------------------------------------
+# Launch dimensions, from the executable's thunks (a protobuf read without its schema).
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, int, object]] | None:
+    """``(field, wire_type, value)`` of a protobuf message, or None if ``data`` is not one."""
+    fields, pos = [], 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            field, wire = key >> 3, key & 7
+            if field == 0:
+                return None
+            if wire == 0:
+                value, pos = _varint(data, pos)
+            elif wire == 1 or wire == 5:
+                size = 8 if wire == 1 else 4
+                value, pos = data[pos : pos + size], pos + size
+            elif wire == 2:
+                size, pos = _varint(data, pos)
+                value, pos = data[pos : pos + size], pos + size
+            else:
+                return None
+            if pos > len(data):
+                return None
+            fields.append((field, wire, value))
+    except FormatError:
+        return None
+    return fields
+
+
+def _dim3(data: bytes) -> tuple[int, int, int] | None:
+    """``(x, y, z)`` of a message ``{k: {1: x, 2: y, 3: z}}`` (absent fields are 1)."""
+    outer = _proto_fields(data)
+    if not outer or len(outer) != 1 or outer[0][1] != 2:
+        return None
+    inner = _proto_fields(outer[0][2])
+    if not inner or any(w != 0 or f not in (1, 2, 3) for f, w, _ in inner):
+        return None
+    dims = {f: v for f, _, v in inner}
+    return dims.get(1, 1), dims.get(2, 1), dims.get(3, 1)
+
+
+def launch_dimensions(blob: bytes, names) -> dict[str, tuple[tuple, tuple]]:
+    """``{kernel: ((blocks x, y, z), (threads x, y, z))}`` for kernels XLA launches itself.
+
+    XLA's kernel thunks hold the kernel's name, its cubin and two ``dim3`` messages,
+    blocks then threads per block. Found by shape, without XLA's schema: a message with
+    a string field naming a kernel in ``names`` whose direct children include exactly
+    two ``dim3``. Kernels launched by a custom call (Mosaic GPU) have no such thunk.
+    """
+    names = set(names)
+    found: dict[str, tuple[tuple, tuple]] = {}
+
+    def walk(data: bytes, depth: int) -> None:
+        fields = _proto_fields(data) if depth < 24 else None
+        if not fields:
+            return
+        strings = {v.decode("ascii", "replace") for _, w, v in fields if w == 2 and v in names_b}
+        dims = [d for _, w, v in fields if w == 2 and len(v) < 40 and (d := _dim3(v))]
+        if strings and len(dims) == 2:
+            for name in strings:
+                found.setdefault(name, (dims[0], dims[1]))
+        for _, w, v in fields:
+            if w == 2 and len(v) > 8 and not v.startswith(ELF_MAGIC):
+                walk(v, depth + 1)
+
+    names_b = {n.encode() for n in names}
+
+    def search(data: bytes) -> None:
+        at = data.find(RIEGELI_SIGNATURE)
+        if at < 0:
+            walk(data, 0)
+            return
+        for record in riegeli_records(data[at:]):
+            search(record)
+
+    search(blob)
+    return found
+
+
 def executable_cubins(compiled) -> list[bytes]:
     """The cubins of a ``jax.stages.Compiled`` for a CUDA device (real or compile-only)."""
     cubins = elf_images(compiled.runtime_executable().serialize())
@@ -248,6 +327,7 @@ class KernelCode:
     stack: int = 0
     shared: int = 0
     local: int = 0  # Bytes of local memory per thread (spills and local arrays).
+    threads: int = 0  # Threads per block it was compiled for (0: not recorded).
     instructions: list[str] = dataclasses.field(default_factory=list)  # "LDG.E.128", ...
 
     @property
@@ -301,8 +381,22 @@ def parse_resource_usage(text: str, kernels: dict[str, KernelCode]) -> None:
             current.local = usage.get("LOCAL", 0)
 
 
+_INFO_SECTION = re.compile(r"^\.nv\.info\.(\S+)")
+_REQNTID = re.compile(r"EIATTR_(?:REQNTID|MAX_THREADS)\s*\n\s*Format:.*\n\s*Value:\s*(0x[0-9a-f]+)")
+
+
+def parse_threads(text: str, kernels: dict[str, KernelCode]) -> None:
+    """Threads per block each kernel was compiled for (``cuobjdump -elf``: REQNTID)."""
+    sections = re.split(r"(?m)^(?=\.nv\.info\.)", text)
+    for section in sections:
+        m = _INFO_SECTION.match(section)
+        if m and m.group(1) in kernels and (t := _REQNTID.search(section)):
+            kernels[m.group(1)].threads = int(t.group(1), 16)
+
+
 def disassemble(cubin: bytes) -> list[KernelCode]:
     """Every kernel in ``cubin``: its SASS opcodes and resource usage (cuobjdump)."""
     kernels = parse_sass(_cuobjdump(cubin, "-sass"))
     parse_resource_usage(_cuobjdump(cubin, "-res-usage"), kernels)
+    parse_threads(_cuobjdump(cubin, "-elf"), kernels)
     return list(kernels.values())
