@@ -89,3 +89,16 @@ def test_negative_control_compare_and_swap_fails_the_checker():
     kernels = ck.compile_for("h100", plain_grad, args + [((ck.NUM_TOKENS, 768), jnp.bfloat16)])
     problems = ck.problems(case, kernels)
     assert any("compare-and-swap" in p for p in problems), problems
+
+
+def test_static_table_row_reads_launch_dimensions_and_estimates():
+    """tools/sass_report.py: XLA's gather gets its launch grid from the thunks."""
+    from tools import sass_report
+
+    case = ck.Case("xla", "fwd", "float32", 768)
+    (row,) = sass_report.rows_for(case)
+    # One thread per 4 float32 (128-bit accesses) over the [4096, 768] output.
+    assert row.blocks * row.threads * 4 == ck.NUM_TOKENS * 768
+    assert row.resident_blocks >= 1 and row.in_flight > 0
+    text = sass_report.render([row], "h100", markdown=True)
+    assert "COMPILED by XLA" in text and "NOT MEASURED" in text and "loop_gather_fusion" in text
