@@ -79,6 +79,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 import embed  # noqa: E402
+from kernels import compat  # noqa: E402
 from kernels.reference import attend_cross_entropy_reference, wrap_and_clamp  # noqa: E402
 
 PROVIDERS = ("xla", "xla_take", "xla_rows", "one_hot", "pallas", "triton", "mosaic", "copy")
@@ -931,6 +932,9 @@ def tied_loss_report(shapes: Sequence[Shape], args) -> tuple[str, list[dict]]:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Runs the benchmark; returns the rows it printed and wrote."""
     args = parse_args(argv)
+    # The CUDA compiler plugin on a machine with no driver (gpu_image, newest on a CPU
+    # machine): the CPU, without JAX's CUDA start-up traceback. A GPU machine keeps it.
+    compat.cpu_unless_cuda_driver()
     shapes = shapes_from_args(args)
     if args.sharded and "--xla_force_host_platform_device_count" not in os.environ.get(
         "XLA_FLAGS", ""
