@@ -149,7 +149,7 @@ def _lookup(backend: str, deterministic: bool):
     raise ValueError(f"{backend=} must be one of xla, pallas, mosaic here")
 
 
-def _program(case: Case):
+def program(case: Case):
     """The jitted computation of ``case`` and its abstract arguments."""
     lookup = _lookup(case.backend, case.pass_ == "bwd_det")
     dtype = jnp.dtype(case.dtype)
@@ -170,8 +170,8 @@ def _device(gpu: str):
     return compat.compile_only_gpu(gpu)
 
 
-def compile_for(gpu: str, fn, args) -> list[cubin.KernelCode]:
-    """``fn`` compiled by XLA for the compile-only ``gpu``, every kernel disassembled.
+def serialized_executable(gpu: str, fn, args) -> bytes:
+    """``fn`` compiled by XLA for the compile-only ``gpu``, serialized (cubins inside).
 
     ``args``: ``(shape, dtype)`` pairs. Traced under ``compat.abstract_gpu()``, so Pallas
     kernels lower for cuda as on a GPU host.
@@ -180,7 +180,20 @@ def compile_for(gpu: str, fn, args) -> list[cubin.KernelCode]:
     specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in args]
     with compat.abstract_gpu():
         compiled = jax.jit(fn).trace(*specs).lower().compile()
-    return [k for c in cubin.executable_cubins(compiled) for k in cubin.disassemble(c)]
+    return compiled.runtime_executable().serialize()
+
+
+def kernels_in(blob: bytes) -> list[cubin.KernelCode]:
+    """Every kernel of a serialized executable, disassembled."""
+    images = cubin.elf_images(blob)
+    if not images:
+        raise cubin.FormatError("the serialized executable holds no CUDA ELF image")
+    return [k for image in images for k in cubin.disassemble(image)]
+
+
+def compile_for(gpu: str, fn, args) -> list[cubin.KernelCode]:
+    """``fn`` compiled by XLA for the compile-only ``gpu``, every kernel disassembled."""
+    return kernels_in(serialized_executable(gpu, fn, args))
 
 
 def _triton_cubins(case: Case) -> list[bytes]:
@@ -205,7 +218,7 @@ def compile_case(case: Case) -> list[cubin.KernelCode]:
     if case.backend == "triton":
         kernels = [k for c in _triton_cubins(case) for k in cubin.disassemble(c)]
     else:
-        kernels = compile_for(case.gpu, *_program(case))
+        kernels = compile_for(case.gpu, *program(case))
     if not kernels:
         raise cubin.FormatError(f"{case.name}: the cubins hold no kernel")
     return kernels

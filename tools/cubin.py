@@ -278,14 +278,6 @@ def launch_dimensions(blob: bytes, names) -> dict[str, tuple[tuple, tuple]]:
     return found
 
 
-def executable_cubins(compiled) -> list[bytes]:
-    """The cubins of a ``jax.stages.Compiled`` for a CUDA device (real or compile-only)."""
-    cubins = elf_images(compiled.runtime_executable().serialize())
-    if not cubins:
-        raise FormatError("the serialized executable holds no CUDA ELF image")
-    return cubins
-
-
 # ----------------------------------------------------------------------------------------
 # cuobjdump and its output.
 

@@ -172,13 +172,8 @@ def compile_with_launch_dims(case: ck.Case):
     """``compile_case`` plus the launch dimensions XLA's thunks record, by kernel name."""
     if case.backend == "triton":
         return ck.compile_case(case), {}
-    fn, args = ck._program(case)
-    sharding = jax.sharding.SingleDeviceSharding(ck._device(case.gpu))
-    specs = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in args]
-    with compat.abstract_gpu():
-        compiled = jax.jit(fn).trace(*specs).lower().compile()
-    blob = compiled.runtime_executable().serialize()
-    kernels = [k for c in cubin.elf_images(blob) for k in cubin.disassemble(c)]
+    blob = ck.serialized_executable(case.gpu, *ck.program(case))
+    kernels = ck.kernels_in(blob)
     return kernels, cubin.launch_dimensions(blob, [k.name for k in kernels])
 
 
