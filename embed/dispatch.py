@@ -33,9 +33,9 @@ BACKENDS = ("auto", "xla", "pallas", "triton", "mosaic")
 #   RED adds on an A100), no CAS loop; only a 16-bit scatter-add (jax.grad of a
 #   bfloat16 table[ids], which "xla" avoids) still is one. "pallas"'s is a returning
 #   ATOMG.E.ADD.F32x4. So on those jaxlibs the CAS reason does not hold for "xla": until
-#   measured, weigh "xla" as "pallas"'s equal in the backward, and behind it in the
-#   forward for 16-bit tables and 64-wide rows (XLA's gather moves 64 and 32 bits a
-#   thread there; "pallas" 128).
+#   measured, weigh "xla" as "pallas"'s equal in the backward and the float32 forward,
+#   behind it in the bfloat16 forward (XLA's gather moves 64 bits a thread, "pallas" 128;
+#   some narrow-row shapes compile scalar).
 # - cpu/tpu: "xla". On CPU the kernels only run interpreted; XLA's gather is the fast path.
 # - "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
 #   deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
