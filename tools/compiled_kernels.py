@@ -5,16 +5,20 @@ and, for every backend that supports it, an A100 (sm_80), through XLA's own CUDA
 pipeline (``kernels.compat.compile_only_gpu``): the same passes, with the embedded
 Triton and Mosaic GPU compilers, that a CUDA machine runs. The ``triton`` backend is
 compiled by Triton itself (``kernels.triton_gather.compile_gather``, the specialisation
-jax-triton uses): jax-triton asks a live GPU for its compute capability when it lowers.
+jax-triton uses; Triton's own ptxas makes the cubin): jax-triton's lowering calls the
+CUDA driver for the compute capability, and with no driver fails ("cuInit(device)
+failed", jaxlib 0.11.2 with jax-triton 0.3.1).
 
 ``compile_case`` returns every kernel's SASS and resources (``tools.cubin``);
 ``problems`` says what in them breaks the rules the compile gate
 (tests/kernels/test_compile_gate.py) holds every kernel to:
 
 * no local-memory spills (no ``LDL``/``STL``, no local bytes);
-* forward: the output stores, and the widest table loads, are as wide as the row allows
-  (``row_vector_bits``: 128 bits when a row is a multiple of 16 bytes); Mosaic GPU
-  copies rows with TMA (``UTMALDG``/``UTMASTG``) instead;
+* forward, our own kernels (pallas, triton): the output stores, and the widest table
+  loads, are as wide as the row allows (``row_vector_bits``: 128 bits when a row is a
+  multiple of 16 bytes); Mosaic GPU copies rows with TMA (``UTMALDG``, and
+  ``UTMASTG`` or a bulk ``UBLKCP`` store) instead. XLA's own gather is reported
+  (``tools/sass_report.py``), not held to it: its width depends on dtype and shape;
 * backward: float adds are native atomics or reductions (``ATOMG``/``REDG`` ``.ADD.F32``,
   TMA ``UTMAREDG``), never a compare-and-swap loop (``ATOMG.E.CAS``/``ATOM.CAS``); the
   deterministic backward has no float atomics at all.
