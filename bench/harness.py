@@ -37,7 +37,11 @@ from jax import lax
 import embed
 from bench.options import ID_DISTRIBUTIONS, PASSES, PROVIDERS
 from embed import parallel
-from kernels import contract, reference
+from kernels import compat, contract, reference
+
+# The CUDA compiler plugin on a machine with no driver (gpu_image and newest on a CPU
+# machine): the CPU, without JAX's CUDA start-up traceback. A GPU machine keeps its GPU.
+compat.cpu_unless_cuda_driver()
 
 # --- The library, as the benchmarks call it ----------------------------------------------
 # Everything of embed/ and kernels/ that bench/ calls is named here, in one place.
