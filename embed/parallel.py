@@ -452,11 +452,12 @@ def vocab_parallel_attend_cross_entropy(
         raise ValueError(f"{axis_name=} must be an axis of the mesh {mesh.axis_names}")
     table = jnp.asarray(table)
     num_shards = mesh.shape[axis_name]
-    if table.ndim != 2 or table.shape[0] % num_shards:
+    if table.ndim != 2:
+        raise ValueError(f"{table.shape=} must be [vocab_size, d_model]")
+    if table.shape[0] % num_shards:
         raise ValueError(
-            f"{table.shape=} must be [vocab_size, d_model] with vocab_size a multiple of the "
-            f"{num_shards} shards of {axis_name=}: pad the vocabulary (e.g. GPT-2's 50257 "
-            "to 50304)"
+            f"vocab_size={table.shape[0]} must be a multiple of the {num_shards} shards of "
+            f"{axis_name=}: pad the vocabulary (e.g. GPT-2's 50257 to 50304)"
         )
     operands = (table, hidden, targets) + (() if where is None else (where,))
 

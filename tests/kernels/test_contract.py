@@ -24,12 +24,13 @@ from tests import grid
 
 ON_GPU = jax.default_backend() == "gpu"
 NAMES = tuple(dispatch.REGISTRY)
-# A cover of the shared grid: every dtype, every odd size, the edges of every axis.
+# A cover of the shared grid: every dtype, odd sizes (1, 3, 7, 129), an empty batch,
+# a table of 1000 rows. Small enough for the Mosaic GPU interpreter, which simulates
+# every row copy of every program on a CPU.
 CASES = [
     (jnp.float32, 7, 129, 129),
-    (jnp.float32, 1, 3, 7),
-    (jnp.bfloat16, 7, 64, 1000),
-    (jnp.float16, 1000, 768, 129),
+    (jnp.bfloat16, 1, 3, 7),
+    (jnp.float16, 1000, 768, 33),
     (jnp.float32, 7, 1, 0),
 ]
 
