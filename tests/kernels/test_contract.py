@@ -22,16 +22,10 @@ from embed import ids as ids_lib
 from kernels import contract, reference
 from tests import grid
 
-ON_GPU = jax.default_backend() == "gpu"
+pytestmark = pytest.mark.backends
+
 NAMES = tuple(dispatch.REGISTRY)
-# A cover of the shared grid: every dtype, every odd size, the edges of every axis.
-CASES = [
-    (jnp.float32, 7, 129, 129),
-    (jnp.float32, 1, 3, 7),
-    (jnp.bfloat16, 7, 64, 1000),
-    (jnp.float16, 50257, 768, 129),
-    (jnp.float32, 7, 1, 0),
-]
+CASES = grid.COVER_CASES
 
 
 def _module(name: str):
@@ -45,13 +39,9 @@ def _module(name: str):
 
 def _runnable(name: str):
     """``(module, interpret)`` to run ``name`` on this machine, or skip saying why."""
-    backend = dispatch.REGISTRY[name]
-    if problem := backend.problem():
+    if problem := grid.backend_problem(name):
         pytest.skip(problem)
-    interpret = bool(backend.compiled_on) and not ON_GPU
-    if interpret and not backend.interpreted:
-        pytest.skip(f"{name} runs only compiled, on {backend.compiled_on}")
-    return importlib.import_module(backend.module), interpret
+    return importlib.import_module(dispatch.REGISTRY[name].module), grid.interpreted(name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=grid.case_id)
