@@ -92,7 +92,9 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     assert re.search(r"- Versions: jax \d", summary)
 
     tests = re.search(
-        r"- Tests \(`python -m pytest tests( examples)? -m \"gpu\"`\): \*\*PASS\*\*, (.*)", summary
+        r"- Tests \(`python -m pytest tests( examples)? -m \"gpu or backends\"`\): "
+        r"\*\*PASS\*\*, (.*)",
+        summary,
     )
     assert tests, summary
     passed, failed, skipped = map(int, re.findall(r"(\d+) \w+", tests.group(2))[:3])
