@@ -26,6 +26,7 @@ MEMCHECK_KEYWORDS = "out_of_range or gpu_large_table or gpu_gather_large_table"
 # What the gpu tests must cover: a part of a test name for each, so that a renamed or
 # deleted test cannot go unseen.
 REQUIRED = {
+    "every backend against the contract": "test_forward_is_the_reference_bit_for_bit",
     "every backend bit-identical to xla": "test_forward_is_bit_identical_to_xla",
     "gradients": "test_gradient_matches_float32_reference",
     "nnx.jit": "test_layer_under_nnx_jit",

@@ -146,7 +146,8 @@ def test_out_of_range_error_mode_raises_eagerly_and_under_jit(backend):
 def test_mosaic_deterministic_gradient_is_reproducible(dtype):
     vocab_size, d_model, num_tokens = 97, D_MODEL, NUM_TOKENS
     # Half the tokens on one row (many additions per row), half over the edge ids.
-    ids = np.concatenate([np.full(num_tokens // 2, 5), grid.make_ids(vocab_size, num_tokens // 2)])
+    half = num_tokens // 2
+    ids = np.concatenate([np.full(half, 5), grid.make_ids(vocab_size, num_tokens - half)])
     ids = jnp.asarray(ids, jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
     cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
