@@ -36,8 +36,12 @@ from jax import lax
 
 import embed
 from bench.options import ID_DISTRIBUTIONS, PASSES, PROVIDERS
-from embed import sharding
-from kernels import contract, reference
+from embed import parallel
+from kernels import compat, contract, reference
+
+# The CUDA compiler plugin on a machine with no driver (gpu_image and newest on a CPU
+# machine): the CPU, without JAX's CUDA start-up traceback. A GPU machine keeps its GPU.
+compat.cpu_unless_cuda_driver()
 
 # --- The library, as the benchmarks call it ----------------------------------------------
 # Everything of embed/ and kernels/ that bench/ calls is named here, in one place.
@@ -48,9 +52,9 @@ backend_for = embed.backend_for  # ("auto", platform) -> the backend it lowers t
 MODES = embed.MODES
 MyEmbed = embed.MyEmbed
 attend_cross_entropy = embed.attend_cross_entropy  # the blocked tied loss
-LAYOUTS = sharding.LAYOUTS
-check_layout = sharding.check_layout  # layout -> layout, or ValueError
-sharded_lookup = sharding.sharded_lookup
+LAYOUTS = parallel.LAYOUTS
+check_layout = parallel.check_layout  # layout -> layout, or ValueError
+sharded_lookup = parallel.sharded_lookup
 # The oracle of the tied loss, and the rows every backend reads for ids.
 attend_cross_entropy_reference = reference.attend_cross_entropy_reference
 wrap_and_clamp = contract.wrap_and_clamp

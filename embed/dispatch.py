@@ -64,6 +64,15 @@ BACKENDS = ("auto", *REGISTRY)
 #   is deprecated upstream (README: "Supported stacks"); where a JAX has turned that
 #   deprecation into an error, or removed it, "auto" lowers to "xla" instead.
 #   No GPU figure of ours backs this rule yet: docs/benchmarks.md says which exist.
+#   What XLA compiles, read from SASS (docs/benchmarks.md, "Compiled for an H100";
+#   compiled, not run): on jaxlib 0.11.2 and 0.12.0.1 the "xla" backend's backward,
+#   accumulated in float32, is a native fire-and-forget REDG.E.ADD.F32x4 on an H100 (native
+#   RED adds on an A100), no CAS loop; only a 16-bit scatter-add (jax.grad of a
+#   bfloat16 table[ids], which "xla" avoids) still is one. "pallas"'s is a returning
+#   ATOMG.E.ADD.F32x4. So on those jaxlibs the CAS reason does not hold for "xla": until
+#   measured, weigh "xla" as "pallas"'s equal in the backward and the float32 forward,
+#   behind it in the bfloat16 forward (XLA's gather moves 64 bits a thread, "pallas" 128;
+#   some narrow-row shapes compile scalar).
 # - "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
 #   deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
 #   the GPU interpreter, but no timing of it on a GPU exists, so nothing shows it is not

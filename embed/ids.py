@@ -13,6 +13,10 @@ Modes:
     under ``jax.jit`` a ``checkify`` check (wrap the function in
     ``jax.experimental.checkify.checkify`` and call ``err.throw()``).
 
+Concrete ids split across processes (``jax.make_array_from_process_local_data``)
+cannot be fetched by any one process: their checks (``"error"``, integral floats) run
+on the devices, and every process raises the same error.
+
 Ids of any integer width are saturated to int32, never wrapped: a vocabulary has at
 most ``2**31 - 1`` rows, so an id that does not fit in int32 is outside every
 vocabulary, and its saturated value is too, with the same sign. Every mode therefore
@@ -21,11 +25,13 @@ treats it as it would the original id.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import checkify
 
 from kernels.contract import in_vocab
@@ -45,6 +51,54 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _spans_processes(x) -> bool:
+    """True for a concrete JAX array that this process cannot fetch whole.
+
+    Ids split across processes (``jax.make_array_from_process_local_data``) are such
+    arrays: ``np.asarray`` on them raises. Their checks run on device instead
+    (``_first_bad``), as one small compiled reduction whose result every process gets.
+    """
+    return isinstance(x, jax.Array) and _is_concrete(x) and not x.is_fully_addressable
+
+
+def _replicated(x: jax.Array):
+    """A sharding that puts a result on every device ``x`` is on, whole."""
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    devices = np.asarray(sorted(sharding.device_set, key=lambda d: d.id))
+    return jax.sharding.NamedSharding(
+        jax.sharding.Mesh(devices, ("devices",)), jax.sharding.PartitionSpec()
+    )
+
+
+def _first_bad(values: jax.Array, bad: Callable[[jax.Array], jax.Array]):
+    """The first ``bad`` element's position and value, or None; for ids spanning processes.
+
+    One compiled call of elementwise ops and whole-array reductions (no reshape or
+    indexing of the split array, which Explicit mesh axes could refuse), whose scalars
+    are replicated: every process fetches the same answer and raises (or not) alike,
+    and none is left waiting in a collective.
+    """
+
+    def reduce(x):
+        flat = sum(
+            lax.broadcasted_iota(jnp.int32, x.shape, d) * math.prod(x.shape[d + 1 :])
+            for d in range(x.ndim)
+        )
+        first = jnp.min(jnp.where(bad(x), flat, x.size))
+        # The one element at ``first``, by a sum with zeros (exact, NaN and inf too).
+        return first, jnp.sum(jnp.where(flat == first, x, jnp.zeros((), x.dtype)))
+
+    if not values.size:
+        return None
+    out = _replicated(values)
+    first, value = jax.jit(reduce, out_shardings=(out, out))(values)
+    if int(first) == values.size:
+        return None
+    return tuple(map(int, np.unravel_index(int(first), values.shape))), value.item()
+
+
 def _at(position: tuple[int, ...]) -> str:
     return f"token_ids[{', '.join(map(str, position))}]" if position else "token_ids"
 
@@ -59,21 +113,46 @@ def _saturate(ids, xp):
     return ids.astype(xp.int32, copy=False)
 
 
-def _integral_floats(token_ids, dtype) -> np.ndarray:
+def _not_integral(values, xp):
+    return ~xp.isfinite(values) | (values != xp.trunc(values))
+
+
+def _not_integral_error(position, value) -> ValueError:
+    return ValueError(
+        f"{_at(position)}={float(value)!r} must be a finite integral value; cast "
+        "explicitly (token_ids.astype(jnp.int32)) if truncation is what you want"
+    )
+
+
+@jax.jit
+def _integral_floats_to_int32(values):
+    # Integral floats below 2**31 in magnitude convert exactly; the rest saturate (the
+    # int32 bounds are not all exact in float32, so compare instead of clipping).
+    limit = 2.0**31
+    return jnp.where(
+        values >= limit,
+        _INT32_MAX,
+        jnp.where(values < -limit, _INT32_MIN, values.astype(jnp.int32)),
+    )
+
+
+def _integral_floats(token_ids, dtype):
     if not _is_concrete(token_ids):
         raise TypeError(
             f"token_ids.dtype={dtype} under tracing cannot be checked for integral "
             "values; cast explicitly with token_ids.astype(jnp.int32)"
         )
+    if _spans_processes(token_ids):
+        first = _first_bad(token_ids, lambda x: _not_integral(x, jnp))
+        if first is not None:
+            raise _not_integral_error(*first)
+        return _integral_floats_to_int32(token_ids)  # On device, split as the ids are.
     # Every float dtype JAX has (float16, bfloat16, float32, float64) is exact in float64.
     values = np.asarray(token_ids).astype(np.float64)
-    bad = ~np.isfinite(values) | (values != np.trunc(values))
+    bad = _not_integral(values, np)
     if bad.any():
         position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))
-        raise ValueError(
-            f"{_at(position)}={float(values[position])!r} must be a finite integral value; cast "
-            "explicitly (token_ids.astype(jnp.int32)) if truncation is what you want"
-        )
+        raise _not_integral_error(position, values[position])
     # Clipped in float64, where both int32 bounds are exact, then cast.
     return np.clip(values, _INT32_MIN, _INT32_MAX).astype(np.int32)
 
@@ -102,7 +181,8 @@ def host_ids(token_ids):
 
     Returns:
       NumPy int32 ids for Python and NumPy ids (saturated, or checked integral floats);
-      ``token_ids`` itself for a JAX integer array or tracer, of any width.
+      ``token_ids`` itself for a JAX integer array or tracer, of any width; for JAX
+      float ids that span processes, checked and converted to int32 on device.
 
     Raises:
       TypeError, ValueError: as ``to_int32``.
@@ -132,8 +212,25 @@ def saturate(ids: jax.Array) -> jax.Array:
     return ids if ids.dtype == np.int32 else _saturate(ids, jnp)
 
 
-def host_int32(ids) -> np.ndarray:
-    """The values of ``host_ids(...)`` as NumPy int32 (a device-to-host copy for JAX ids)."""
+def loss_targets(targets: jax.Array, vocab_size: int) -> jax.Array:
+    """Next-token targets of the tied loss as int32 rows of the table (traceable).
+
+    Saturated to int32 as token ids are, then a negative target indexes from the end
+    once, as optax's ``take_along_axis`` does; a target outside ``[-V, V)`` stays outside
+    ``[0, V)``, where the loss gives NaN (``embed.loss``).
+    """
+    targets = saturate(targets)
+    return jnp.where(targets < 0, targets + vocab_size, targets)
+
+
+def host_int32(ids):
+    """The values of ``host_ids(...)`` as NumPy int32 (a device-to-host copy for JAX ids).
+
+    Ids spanning processes cannot be fetched: they stay on device, saturated to int32
+    there, for ``check_in_vocab``'s on-device check.
+    """
+    if _spans_processes(ids):
+        return saturate(ids)
     values = np.asarray(ids)
     return values if values.dtype == np.int32 else _saturate(values, np)
 
@@ -146,6 +243,18 @@ def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
         and the valid range. Under tracing, the same message is a ``checkify`` error.
     """
     valid_range = f"[{-vocab_size}, {vocab_size})"
+
+    def error(value, position):
+        return IndexError(
+            f"token id {int(value)} at position {position} is "
+            f"outside the valid range {valid_range} for vocab_size={vocab_size}"
+        )
+
+    if _spans_processes(ids):
+        first = _first_bad(saturate(ids), lambda x: ~in_vocab(x, vocab_size))
+        if first is not None:
+            raise error(first[1], first[0])
+        return
     if _is_concrete(ids):
         values = np.asarray(ids)
         if not values.size or (values.min() >= -vocab_size and values.max() < vocab_size):
@@ -153,10 +262,7 @@ def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
         bad = (values < -vocab_size) | (values >= vocab_size)
         if bad.any():
             position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))
-            raise IndexError(
-                f"token id {int(values[position])} at position {position} is "
-                f"outside the valid range {valid_range} for vocab_size={vocab_size}"
-            )
+            raise error(values[position], position)
         return
     ok = in_vocab(ids, vocab_size)
     first_bad = jnp.argmin(ok.reshape(-1))

@@ -326,3 +326,100 @@ def tracing_for_gpu() -> bool:
     get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
     device = getattr(get_abstract_mesh(), "abstract_device", None) if get_abstract_mesh else None
     return getattr(device, "platform", None) == "gpu"
+
+
+# ----------------------------------------------------------------------------------------
+# XLA's CUDA compiler without a GPU: a compile-only device.
+#
+# The ``jax-cuda13-plugin`` and ``jax-cuda13-pjrt`` wheels (the gpu_image and newest
+# locks carry them) hold XLA's CUDA compiler. With a GPU target config (a
+# ``GpuTargetConfigProto`` in text form: ``kernels/gpu_specs/*.txtpb``), the CUDA
+# client builds a topology whose device JAX can compile for, ahead of time, with no
+# driver: ``jax.jit(f).trace(<ShapeDtypeStructs on that device>).lower().compile()``.
+
+# Compile-only GPUs by name: their spec file in kernels/gpu_specs/.
+GPU_SPECS = {"h100": "h100_sxm.txtpb", "a100": "a100_sxm_80.txtpb"}
+
+
+def cuda_compiler_version() -> str | None:
+    """The installed CUDA PJRT plugin's version, or None when there is none."""
+    from importlib import metadata
+
+    for name in ("jax-cuda13-pjrt", "jax-cuda12-pjrt"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cuda_compiler_problem() -> str | None:
+    """Why kernels cannot be compiled for a GPU here, or None when they can.
+
+    Needs the CUDA plugin wheels and ``jax.experimental.topologies``; on a CPU machine
+    without them (the min stack) this says which to install.
+    """
+    if cuda_compiler_version() is None:
+        return (
+            "XLA's CUDA compiler is not installed: pip install jax-cuda13-plugin "
+            f"jax-cuda13-pjrt at this jaxlib's version ({jax.__version__}); the gpu_image "
+            "and newest locks carry them"
+        )
+    try:
+        importlib.import_module("jax.experimental.topologies")
+    except ImportError as e:
+        return f"this JAX ({jax.__version__}) has no jax.experimental.topologies ({e})"
+    return None
+
+
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library (``libcuda.so.1``) loads: a CUDA machine."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def cpu_unless_cuda_driver() -> bool:
+    """Run JAX on the CPU where a CUDA plugin is installed but no driver is; True if so.
+
+    With the plugin wheels (gpu_image and newest locks) on a CPU machine, JAX tries to
+    start its CUDA backend first and logs a long traceback ("Unable to load cuDNN")
+    before falling back to the CPU. The tests and the benchmark call this before JAX
+    picks its backends; it does nothing when ``JAX_PLATFORMS`` (``jax_platforms``) is
+    set, when no CUDA plugin is installed, or on a CUDA machine, whose GPU JAX must see.
+    Compiling for a compile-only GPU (``compile_only_gpu``) works either way.
+    """
+    if jax.config.jax_platforms or cuda_compiler_version() is None or cuda_driver_present():
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
+def gpu_spec(gpu: str) -> str:
+    """The text ``GpuTargetConfigProto`` of a compile-only ``gpu`` (a ``GPU_SPECS`` key)."""
+    if gpu not in GPU_SPECS:
+        raise ValueError(f"{gpu=} must be one of {sorted(GPU_SPECS)}")
+    path = os.path.join(os.path.dirname(__file__), "gpu_specs", GPU_SPECS[gpu])
+    with open(path) as f:
+        return f.read()
+
+
+def compile_only_gpu(gpu: str = "h100"):
+    """A JAX device for ``gpu`` that XLA compiles for but nothing runs on.
+
+    Put arguments on it (``jax.ShapeDtypeStruct(..., sharding=SingleDeviceSharding(d))``)
+    and ``.lower().compile()`` runs XLA's CUDA pipeline down to cubins. Raises
+    ``RuntimeError`` saying why when ``cuda_compiler_problem()`` is not None.
+    """
+    problem = cuda_compiler_problem()
+    if problem:
+        raise RuntimeError(problem)
+    topologies = importlib.import_module("jax.experimental.topologies")
+    topology = topologies.get_topology_desc(
+        platform="cuda", topology_name="", target_config=gpu_spec(gpu), topology="1x1x1"
+    )
+    return topology.devices[0]

@@ -50,6 +50,19 @@ def block_sizes(num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]
     return min(block_t, 64, pl.next_power_of_2(max(num_tokens, 1))), block_d
 
 
+def row_warps(block_d: int) -> int:
+    """Default warps of the backward kernels: one 16-byte float32 vector per thread.
+
+    Each backward step adds or stores one ``block_d``-wide float32 row, spread over the
+    program's threads. Compiled for an H100 (tools/sass_report.py), 4 warps on a
+    256-wide row give each thread 2 floats, a 64-bit ``ATOMG.E.ADD.F32x2``, and on a
+    128-wide row a scalar one; ``block_d / 128`` warps (1 to 4) give every thread a
+    128-bit ``F32x4`` atomic (or store), half the atomic instructions for the same
+    bytes. Rows narrower than 128 floats keep one warp.
+    """
+    return max(1, min(4, block_d // 128))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tuning of the kernels; a field left ``None`` is chosen from the shapes.
@@ -58,7 +71,8 @@ class Config:
       block_t: tokens per program (``gather``, ``scatter_add``); a power of two.
       block_d: columns per program; a power of two.
       block_v: table rows per program of ``segment_sum``; a power of two.
-      num_warps: warps per program (Triton's); default 4, or 8 for big ``gather`` tiles.
+      num_warps: warps per program (Triton's); ``gather``: 4, or 8 for big tiles; the
+        backwards: ``row_warps(block_d)``.
       num_stages: Triton's software-pipelining depth.
     """
 
@@ -149,6 +163,10 @@ def _scatter_add_kernel(
     # One row-vector atomic per token: a scalar row and a contiguous column slice is
     # the form both the Triton lowering and the interpreter add correctly for repeated
     # rows (the interpreter's gather-indexed atomic_add keeps only one duplicate).
+    # It compiles to a returning ATOMG, not a fire-and-forget REDG (the raw Triton
+    # kernel's): Pallas lowers atomic_add with acquire-release semantics and offers no
+    # relaxed one (JAX 0.10.2 to 0.12.0.1), and ptxas keeps an acq_rel atomic as ATOMG
+    # even when its result is unused. Triton's own tl.atomic_add(sem="relaxed") is a REDG.
     def add_row(k, carry):
         token_id = ids_ref[k]
         live = (first_token + k < num_tokens) & in_vocab(token_id, vocab_size)
@@ -194,7 +212,7 @@ def scatter_add(
         out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
         input_output_aliases={2: 0},
         compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps or 4, num_stages=config.num_stages
+            num_warps=config.num_warps or row_warps(block_d), num_stages=config.num_stages
         ),
         interpret=interpret,
         name=f"embedding_scatter_add_{block_t=}_{block_d=}",
@@ -269,7 +287,7 @@ def segment_sum(
         out_specs=pl.BlockSpec((block_v, block_d), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
         compiler_params=plgpu.CompilerParams(
-            num_warps=config.num_warps or 4, num_stages=config.num_stages
+            num_warps=config.num_warps or row_warps(block_d), num_stages=config.num_stages
         ),
         interpret=interpret,
         name=f"embedding_segment_sum_{block_v=}_{block_d=}",

@@ -8,10 +8,18 @@ the CUDA selection (``-m`` naming ``gpu``) on a machine without a GPU, the dry r
 ``tools/gpu_check``: there they are collected and skipped, as the gpu tests are.
 """
 
+import os
+
 import jax
 import pytest
 
+from kernels import compat
 from tests.gpu_selection import MARKERS
+
+# A CPU machine with the CUDA compiler plugin installed (the gpu_image and newest
+# stacks): run on the CPU without JAX's CUDA start-up traceback. A CUDA machine keeps
+# its GPU.
+compat.cpu_unless_cuda_driver()
 
 
 def pytest_configure(config):
@@ -25,6 +33,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _bazel_shard(items)
     skips = {}
     if jax.default_backend() != "gpu":
         skips["gpu"] = "needs a CUDA GPU; JAX's default backend is not a GPU"
@@ -37,3 +46,19 @@ def pytest_collection_modifyitems(config, items):
         for marker, reason in skips.items():
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _bazel_shard(items):
+    """Keep this Bazel test shard's share of the tests (``shard_count`` in BUILD).
+
+    Bazel runs ``shard_count`` copies of a test, each told its index; each runs every
+    ``count``-th test, and touching the status file tells Bazel sharding is supported.
+    """
+    count = int(os.environ.get("TEST_TOTAL_SHARDS", "1"))
+    if count <= 1:
+        return
+    index = int(os.environ["TEST_SHARD_INDEX"])
+    if os.environ.get("TEST_SHARD_STATUS_FILE"):
+        with open(os.environ["TEST_SHARD_STATUS_FILE"], "a"):
+            pass
+    items[:] = [item for i, item in enumerate(items) if i % count == index]

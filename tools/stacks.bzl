@@ -35,6 +35,10 @@ ALL_STACKS = list(STACKS)
 # The stacks whose JAX has Mosaic GPU (JAX >= 0.11).
 MOSAIC_STACKS = ["gpu_image", "newest"]
 
+# The stacks whose locks carry XLA's CUDA compiler (the jax-cuda13 plugin and pjrt): the
+# compile gate and the SASS report run there, with no GPU.
+CUDA_COMPILER_STACKS = ["gpu_image", "newest"]
+
 # One stack per distinct triton and jax-triton pair (gpu_image has min's), min first:
 # only its torch runs Triton's CPU interpreter.
 TRITON_STACKS = ["min", "newest"]

@@ -130,7 +130,7 @@ def test_user_partitioning_wins_over_our_logical_axes(face):
     def spec(layer):
         return nnx.get_partition_spec(nnx.state(layer))["embedding"].get_value()
 
-    # Outside a mesh, Flax places nothing eagerly (test_sharding.py places them).
+    # Outside a mesh, Flax places nothing eagerly (test_parallel.py places them).
     init = nnx.with_partitioning(
         nnx.initializers.normal(0.02), ("model", None), eager_sharding=False
     )

@@ -25,6 +25,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from kernels import compat, contract
 from kernels import triton_gather as tg
+from tests import grid
 
 try:  # Triton's CPU interpreter runs on torch tensors; the PTX tests need no torch.
     import torch
@@ -73,16 +74,9 @@ def _make_ids(vocab_size: int, num_tokens: int, seed: int) -> np.ndarray:
 
 
 def _rows_read(ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    ids = ids.astype(np.int64)
-    return np.clip(np.where(ids < 0, ids + vocab_size, ids), 0, vocab_size - 1)
-
-
-def _scatter_add_ref(grad: np.ndarray, ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    ids = ids.astype(np.int64)
-    keep = (ids >= -vocab_size) & (ids < vocab_size)
-    out = np.zeros((vocab_size, grad.shape[1]), np.float32)
-    np.add.at(out, ids[keep] % vocab_size, grad[keep].astype(np.float32))
-    return out
+    """The rows the kernels' one helper reads (``contract.wrap_and_clamp``): the Triton
+    twin ``_wrap_and_clamp`` is checked against it."""
+    return np.asarray(contract.wrap_and_clamp(jnp.asarray(ids), vocab_size))
 
 
 def _torch_table(shape, dtype, seed: int) -> torch.Tensor:
@@ -238,7 +232,7 @@ def test_interpreted_scatter_add_matches_numpy(vocab_size, d_model, num_tokens, 
     pool = np.array(_edge_ids(vocab_size) + [2, 3, -2], np.int32)
     ids = rng.choice(pool, size=num_tokens)
     acc = _interpret_scatter_add(grad, ids, vocab_size)
-    expected = _scatter_add_ref(grad.float().numpy(), ids, vocab_size)
+    expected = grid.grad_in_token_order(grad.float().numpy(), ids, vocab_size)
     np.testing.assert_allclose(acc.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -269,7 +263,7 @@ def test_interpreted_segment_sum_adds_in_token_order(
     pool = np.array(_edge_ids(vocab_size) + [2, 3, -2], np.int32)
     ids = rng.choice(pool, size=num_tokens)
     out = _interpret_segment_sum(grad, ids, vocab_size, block_v=block_v, block_d=block_d)
-    expected = _scatter_add_ref(grad.float().numpy(), ids, vocab_size)
+    expected = grid.grad_in_token_order(grad.float().numpy(), ids, vocab_size)
     np.testing.assert_array_equal(out.view(torch.int32).numpy(), expected.view(np.int32))
 
 
@@ -548,7 +542,7 @@ def test_gpu_scatter_add_matches_grad_of_indexing(vocab_size, d_model, num_token
     out = jax.jit(tg.scatter_add, static_argnums=2)(grad_out, ids, vocab_size)
     assert out.dtype == dtype and out.shape == (vocab_size, d_model)
     grad_f32 = np.asarray(grad_out.astype(jnp.float32))
-    reference = _scatter_add_ref(grad_f32, np.asarray(ids), vocab_size)
+    reference = grid.grad_in_token_order(grad_f32, np.asarray(ids), vocab_size)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), reference, rtol=tol, atol=tol)
     np.testing.assert_allclose(

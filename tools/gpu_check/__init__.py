@@ -27,7 +27,9 @@ unused goes to the next one); ``--budget`` (default 450 s) is shared out among t
   6. summary    ``DIR/summary.md``, ready to paste into docs/benchmarks.md.
 
 Files written to ``--out``: summary.md, gpu_check.log (every step's full output),
-tests.xml and sanitizer.xml (JUnit), benchmark.csv, benchmark.json, benchmark.png.
+tests.xml and sanitizer.xml (JUnit), benchmark.csv, benchmark.json, benchmark.png, and
+sass_report.md: what XLA compiles each kernel to for an H100 (tools/sass_report.py;
+COMPILED, NOT MEASURED), printed in the summary beside the measured figures.
 
 The exit status is 1 when any step fails, 2 for bad arguments. On a GPU a step fails
 when what it checks does not hold or could not be checked (JAX sees no GPU, a gpu test

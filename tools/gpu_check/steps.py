@@ -399,8 +399,9 @@ class Check:
             grid = lookup_argv(**DRY_RUN_BENCHMARK)
             step.note("dry run: a tiny grid on the CPU (not GPU figures); triton needs CUDA")
         else:
-            # JAX's start-up and the files' writing come on top of the measuring.
-            grid = lookup_argv(grid="gpu", max_seconds=round(max(10.0, self.left() - 40)))
+            # JAX's start-up and the files' writing come on top of the measuring, and
+            # about a minute stays for the compiled table (compiled_table).
+            grid = lookup_argv(grid="gpu", max_seconds=round(max(10.0, self.left() - 100)))
         flags = [*grid, *lookup_argv(passes=("fwd", "bwd"), choose=True, no_progress=True)]
         cmd = [self.python, "-m", "bench.lookup", *flags, *lookup_argv(**paths)]
         step.data["command"] = " ".join(["python -m bench.lookup", *flags])
@@ -445,8 +446,31 @@ class Check:
             )
             for reason in skipped:
                 step.note(f"dry run skipped {reason}")
+        self.compiled_table(step)
         if step.status == "not run":
             step.status = "pass"
+
+    def compiled_table(self, step: Step) -> None:
+        """tools/sass_report.py's COMPILED-not-measured table, beside the measured rows.
+
+        Informational: it never fails the step. It gets what is left of the step's time
+        (the benchmark leaves it about a minute), and a narrower grid in a dry run.
+        """
+        script = self.repo / "tools" / "sass_report.py"
+        left = self.left() - 5
+        if not script.exists() or left < 20:
+            why = "no time left" if script.exists() else f"no {script}"
+            step.note(f"compiled table skipped: {why}")
+            return
+        path = self.out / "sass_report.md"
+        cmd = [self.python, str(script), "--markdown", "--d-models=1024,4096", f"--output={path}"]
+        if self.dry:
+            cmd += ["--d-models=64", "--dtypes=float32", "--backends=xla,pallas"]
+        result = run_command(cmd, timeout=left, log=self.log, env=self.env, cwd=self.repo, echo=0)
+        if result.returncode or result.timed_out or not path.exists():
+            step.note(f"compiled table skipped: {' '.join(result.text.split())[-300:]}")
+            return
+        step.data["compiled"] = path.read_text().strip()
 
     # 6.
     def summary(self, step: Step) -> None:

@@ -218,6 +218,10 @@ def render_summary(check) -> str:
         choose = b.data.get("choose", [])
         if choose:
             lines += ["", "### What `auto` picks (`--choose`)", "", "```", *choose, "```"]
+    compiled = b.data.get("compiled")
+    if compiled:
+        lines += ["", "### Compiled by XLA for an H100, NOT MEASURED (tools/sass_report.py)"]
+        lines += ["", compiled]
     lines += [
         "",
         "### Steps",
