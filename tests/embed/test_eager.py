@@ -21,7 +21,7 @@ import embed
 from embed import Embed, MyEmbed, dispatch
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]
+BACKENDS = grid.CPU_BACKENDS
 VOCAB, D_MODEL = 300, 16  # uint8 ids are all in range: mode="error" runs them too.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

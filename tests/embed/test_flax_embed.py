@@ -17,7 +17,7 @@ from flax import nnx
 from embed import Embed, MyEmbed
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]  # Every backend that runs on CPU.
+BACKENDS = grid.CPU_BACKENDS
 FEATURES = 5
 FLAX_ATTRIBUTES = ("num_embeddings", "features", "dtype", "param_dtype", "promote_dtype")
 

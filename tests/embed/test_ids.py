@@ -20,7 +20,7 @@ from embed import MyEmbed, ids
 from kernels import contract
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]
+BACKENDS = grid.CPU_BACKENDS
 VOCAB, D_MODEL = 11, 5
 
 

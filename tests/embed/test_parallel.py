@@ -42,7 +42,7 @@ needs_devices = pytest.mark.skipif(
 )
 
 LAYOUTS = parallel.LAYOUTS
-BACKENDS = ["xla", "pallas", "auto"]
+BACKENDS = grid.CPU_BACKENDS
 # Grid cases at its odd token count (x 8 rows of ids): V = 1 and 7, the narrowest and an
 # odd row, each dtype, and the GPT-2 vocabulary (50257 rows, not a multiple of 8, so
 # the table is padded). The kernels' own tests cover the rest of the grid; here each
@@ -121,7 +121,7 @@ def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
 
 @needs_devices
 @pytest.mark.parametrize("mode", ["clip", "fill"])
-@pytest.mark.parametrize("backend", ["xla", "pallas"])  # "auto" is "xla" on CPU.
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_modes_match_unsharded_with_edge_ids(layout, backend, mode):
     vocab_size, d_model = 7, 5

@@ -22,17 +22,10 @@ from embed import ids as ids_lib
 from kernels import contract, reference
 from tests import grid
 
-ON_GPU = jax.default_backend() == "gpu"
+pytestmark = pytest.mark.backends
+
 NAMES = tuple(dispatch.REGISTRY)
-# A cover of the shared grid: every dtype, odd sizes (1, 3, 7, 129), an empty batch,
-# a table of 1000 rows. Small enough for the Mosaic GPU interpreter, which simulates
-# every row copy of every program on a CPU.
-CASES = [
-    (jnp.float32, 7, 129, 129),
-    (jnp.bfloat16, 1, 3, 7),
-    (jnp.float16, 1000, 768, 33),
-    (jnp.float32, 7, 1, 0),
-]
+CASES = grid.COVER_CASES
 
 
 def _module(name: str):
@@ -46,13 +39,9 @@ def _module(name: str):
 
 def _runnable(name: str):
     """``(module, interpret)`` to run ``name`` on this machine, or skip saying why."""
-    backend = dispatch.REGISTRY[name]
-    if problem := backend.problem():
+    if problem := grid.backend_problem(name):
         pytest.skip(problem)
-    interpret = bool(backend.compiled_on) and not ON_GPU
-    if interpret and not backend.interpreted:
-        pytest.skip(f"{name} runs only compiled, on {backend.compiled_on}")
-    return importlib.import_module(backend.module), interpret
+    return importlib.import_module(dispatch.REGISTRY[name].module), grid.interpreted(name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=grid.case_id)

@@ -10,7 +10,7 @@ vocabulary (minutes); the lowering tests cover that size.
 
 The interpreter has no atomics: ``scatter_add``'s one add step runs as read-add-write
 there (``kernels/mosaic_gather.py``), and only a GPU runs the TMA reduction itself
-(``tests/embed/test_gpu.py``).
+(``tests/embed/test_backends.py``, compiled).
 """
 
 import functools
