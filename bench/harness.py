@@ -36,8 +36,8 @@ from jax import lax
 
 import embed
 from bench.options import ID_DISTRIBUTIONS, PASSES, PROVIDERS
-from embed import sharding
-from kernels import compat, reference
+from embed import parallel
+from kernels import compat, contract, reference
 
 # The CUDA compiler plugin on a machine with no driver (gpu_image and newest on a CPU
 # machine): the CPU, without JAX's CUDA start-up traceback. A GPU machine keeps its GPU.
@@ -52,12 +52,12 @@ backend_for = embed.backend_for  # ("auto", platform) -> the backend it lowers t
 MODES = embed.MODES
 MyEmbed = embed.MyEmbed
 attend_cross_entropy = embed.attend_cross_entropy  # the blocked tied loss
-LAYOUTS = sharding.LAYOUTS
-check_layout = sharding.check_layout  # layout -> layout, or ValueError
-sharded_lookup = sharding.sharded_lookup
-# The oracles: the naive tied loss, and the ids as every backend reads them.
+LAYOUTS = parallel.LAYOUTS
+check_layout = parallel.check_layout  # layout -> layout, or ValueError
+sharded_lookup = parallel.sharded_lookup
+# The oracle of the tied loss, and the rows every backend reads for ids.
 attend_cross_entropy_reference = reference.attend_cross_entropy_reference
-wrap_and_clamp = reference.wrap_and_clamp
+wrap_and_clamp = contract.wrap_and_clamp
 
 # --- Shapes and ids ----------------------------------------------------------------------
 

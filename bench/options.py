@@ -76,7 +76,7 @@ def lookup_parser() -> argparse.ArgumentParser:
         "--sharded",
         type=int,
         metavar="N",
-        help="also time embed.sharding's layouts on N devices (on a CPU host: N simulated "
+        help="also time embed.parallel's layouts on N devices (on a CPU host: N simulated "
         "host devices, labelled CPU-simulated); alone: python -m bench.sharded",
     )
     p.add_argument(

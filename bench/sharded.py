@@ -1,4 +1,4 @@
-"""Sharded lookups: each mesh layout of ``embed.sharding`` against one device's lookup.
+"""Sharded lookups: each mesh layout of ``embed.parallel`` against one device's lookup.
 
 Each layout (vocab-, model- and data-parallel) runs over a 1-D mesh of ``N`` devices,
 forward and forward plus table gradient, interleaved with the unsharded ``xla`` lookup

@@ -4,6 +4,9 @@
 platform, not from the host's default backend at trace time, so a model traced or
 exported on a CPU host for a GPU carries the real kernel. ``"mosaic"`` is the exception:
 it is chosen when traced (``gather`` says why).
+
+``REGISTRY`` names every backend (``kernels.contract.Backend``); its module is imported
+only when the backend is used.
 """
 
 from __future__ import annotations
@@ -15,17 +18,51 @@ import jax.numpy as jnp
 import numpy as np
 
 from embed import ids as ids_lib
-from kernels import compat, pallas_gather, reference
+from kernels import compat, contract
 
-BACKENDS = ("auto", "xla", "pallas", "triton", "mosaic")
+# The registry: every backend by name, its module imported only when it is used, so that
+# a JAX without Pallas on Triton or Mosaic GPU, or a machine without triton and
+# jax-triton, still imports ``embed`` (the backend then says what it lacks).
+REGISTRY = {
+    backend.name: backend
+    for backend in (
+        contract.Backend("xla", "kernels.xla"),
+        contract.Backend(
+            "pallas",
+            "kernels.pallas_gather",
+            compiled_on=("cuda", "rocm"),
+            interpreted=True,
+            needs=compat.pallas_triton_problem,
+        ),
+        contract.Backend(
+            "triton",
+            "kernels.triton_gather",
+            compiled_on=("cuda",),
+            needs=compat.triton_call_problem,
+        ),
+        # Chosen when traced: platform_dependent cannot lower the kernel for cuda beside
+        # the interpreter (compat.tracing_for_gpu says why). To lower it for cuda on a CPU
+        # host, trace under embed.abstract_gpu().
+        contract.Backend(
+            "mosaic",
+            "kernels.mosaic_gather",
+            compiled_on=("cuda",),
+            interpreted=True,
+            chosen_when="tracing",
+            needs=compat.mosaic_gpu_problem,
+        ),
+    )
+}
+BACKENDS = ("auto", *REGISTRY)
 
-# What "auto" lowers to on each platform, on every supported JAX (0.10.2 to 0.12.x):
+# What "auto" lowers to on each GPU platform, on every supported JAX (0.10.2 to 0.12.x);
+# every other platform (cpu, tpu) gets "xla", where the kernels only run interpreted.
 # - cuda/rocm: the Pallas kernel ("pallas"), which owns the backward as a float32 atomic
 #   scatter-add. The reason is XLA's GPU scatter-add: in jaxlib 0.10.2 and 0.11.0 it falls
 #   into a compare-and-swap loop, 450-2000x slower under contention (openxla/xla#46225,
 #   jax-ml/jax#38806); whether 0.11.1+ fixed it is unconfirmed. On JAX 0.11+ this path
 #   is deprecated upstream (README: "Supported stacks"); where a JAX has turned that
-#   deprecation into an error, "auto" lowers to "xla" instead (``_auto_kernel``).
+#   deprecation into an error, or removed it, "auto" lowers to "xla" instead.
 #   No GPU figure of ours backs this rule yet: docs/benchmarks.md says which exist.
 #   What XLA compiles, read from SASS (docs/benchmarks.md, "Compiled for an H100";
 #   compiled, not run): on jaxlib 0.11.2 and 0.12.0.1 the "xla" backend's backward,
@@ -36,27 +73,18 @@ BACKENDS = ("auto", "xla", "pallas", "triton", "mosaic")
 #   measured, weigh "xla" as "pallas"'s equal in the backward and the float32 forward,
 #   behind it in the bfloat16 forward (XLA's gather moves 64 bits a thread, "pallas" 128;
 #   some narrow-row shapes compile scalar).
-# - cpu/tpu: "xla". On CPU the kernels only run interpreted; XLA's gather is the fast path.
 # - "mosaic" (Pallas on Mosaic GPU, the path JAX recommends now that Pallas on Triton is
 #   deprecated) is not "auto" on cuda yet: it lowers for cuda and matches the reference in
 #   the GPU interpreter, but no timing of it on a GPU exists, so nothing shows it is not
 #   slower than "pallas" there; and JAX 0.10.2, which we support, has no such backend.
 #   Switch "cuda" to it when tools/gpu_check's figures put it at or ahead of "pallas".
-AUTO = {"cuda": "pallas", "rocm": "pallas", "cpu": "xla", "tpu": "xla"}
+AUTO = {"cuda": "pallas", "rocm": "pallas"}
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{backend=} must be one of {BACKENDS}")
     return backend
-
-
-# What each kernel backend needs from the installed stack (kernels/compat.py probes it).
-_PROBLEMS = {
-    "pallas": compat.pallas_triton_problem,
-    "triton": compat.triton_call_problem,
-    "mosaic": compat.mosaic_gpu_problem,
-}
 
 
 def backend_problem(backend: str) -> str | None:
@@ -66,8 +94,7 @@ def backend_problem(backend: str) -> str | None:
     True
     """
     check_backend(backend)
-    problem = _PROBLEMS.get(backend)
-    return problem() if problem else None
+    return None if backend == "auto" else REGISTRY[backend].problem()
 
 
 def check_backend_usable(backend: str) -> str:
@@ -76,10 +103,15 @@ def check_backend_usable(backend: str) -> str:
     Layers call this when they are built, so a backend that cannot run fails there with
     the versions and the way out, never deep inside jax at the first call.
     """
-    problem = backend_problem(backend)
-    if problem:
-        raise RuntimeError(f"{backend=} cannot run here: {problem}")
+    if backend != "auto":
+        REGISTRY[check_backend(backend)].load()
     return backend
+
+
+def _auto(platform: str) -> str:
+    """What "auto" runs on ``platform``: ``AUTO``'s kernel if it can run here, else "xla"."""
+    kernel = AUTO.get(platform, "xla")
+    return kernel if kernel == "xla" or REGISTRY[kernel].problem() is None else "xla"
 
 
 def backend_for(backend: str, platform: str | None = None) -> str:
@@ -92,38 +124,7 @@ def backend_for(backend: str, platform: str | None = None) -> str:
     if backend != "auto":
         return backend
     platform = platform or jax.default_backend()
-    pick = AUTO.get("cuda" if platform == "gpu" else platform, "xla")
-    return _auto_kernel() if pick != "xla" else pick
-
-
-def _auto_kernel() -> str:
-    """The kernel "auto" uses on a GPU: ``AUTO["cuda"]``, or "xla" if it cannot run here."""
-    kernel = AUTO["cuda"]
-    return kernel if backend_problem(kernel) is None else "xla"
-
-
-def _xla(table, ids):
-    # table[ids], with the table gradient accumulated in float32 as the kernels do it.
-    return reference.lookup(table, ids)
-
-
-def _pallas(table, ids, *, deterministic, interpret=False):
-    return pallas_gather.lookup(table, ids, interpret, deterministic)
-
-
-def _mosaic(table, ids, *, deterministic, interpret=False):
-    from kernels import mosaic_gather  # Imported lazily, like triton: one stack lacks it.
-
-    return mosaic_gather.lookup(table, ids, interpret, deterministic)
-
-
-def _triton(table, ids, *, deterministic):
-    from kernels import triton_gather  # Imported lazily: it needs jax-triton and CUDA.
-
-    return triton_gather.lookup(table, ids, deterministic)
-
-
-_KERNELS = {"pallas": _pallas, "triton": _triton, "mosaic": _mosaic}
+    return _auto("cuda" if platform == "gpu" else platform)
 
 
 def gather(
@@ -132,33 +133,35 @@ def gather(
     """``table[ids]`` for 1-D int32 ``ids`` through ``backend``, chosen per platform.
 
     Every backend accumulates the table gradient in float32 and rounds it once to the
-    table's dtype, ``"xla"`` included (``kernels.reference.lookup``), so backends agree
-    at 16 bits too. ``deterministic=True`` makes the kernels' backward sort-based and
-    bit-reproducible (``pallas_gather.segment_sum``, ``mosaic_gather.segment_sum``).
-    ``"mosaic"`` runs its kernel when traced for a GPU (Mosaic GPU is NVIDIA's; a CPU
-    host traces for one inside ``embed.abstract_gpu()``) and the Mosaic GPU interpreter
-    otherwise. The ``"xla"`` path ignores ``deterministic``: XLA's own scatter
-    determinism is governed by XLA flags (``--xla_gpu_deterministic_ops``).
+    table's dtype (``kernels.contract.differentiable``), so backends agree at 16 bits
+    too. ``deterministic=True`` takes each backend's bit-reproducible ``segment_sum``
+    backward (``"xla"``'s is XLA's own scatter, see ``kernels.xla``). The platform is
+    chosen when the computation is lowered, except for ``"mosaic"``, chosen when traced
+    (``contract.Backend.chosen_when``).
     """
     check_backend(backend)
-    kernel = _auto_kernel() if backend == "auto" else backend
-    if kernel == "xla":
-        return _xla(table, ids)
-    gpu = functools.partial(_KERNELS[kernel], deterministic=deterministic)
-    if backend == "triton":  # jax-triton has no CPU path: no default branch.
-        check_backend_usable(backend)  # A cached probe: a clear error, not one from jax.
-        return gpu(table, ids)
     if backend == "auto":
-        default = _xla
-    else:  # Off GPU the same Pallas kernel runs in its interpreter.
-        default = functools.partial(_KERNELS[kernel], interpret=True, deterministic=deterministic)
-    if kernel == "mosaic":
-        check_backend_usable(backend)  # JAX 0.10.2: a clear error, not one from jax.
-        # Chosen when traced, not lowered: platform_dependent cannot lower the kernel for
-        # cuda beside the interpreter (compat.tracing_for_gpu says why). To lower for
-        # cuda on a CPU host, trace under embed.abstract_gpu().
-        return gpu(table, ids) if compat.tracing_for_gpu() else default(table, ids)
-    return jax.lax.platform_dependent(table, ids, cuda=gpu, rocm=gpu, default=default)
+        kernels = {p: _auto(p) for p in AUTO}
+        branches = {p: _compiled(k, deterministic) for p, k in kernels.items() if k != "xla"}
+        default = _compiled("xla", deterministic)
+        if not branches:
+            return default(table, ids)
+        return jax.lax.platform_dependent(table, ids, **branches, default=default)
+    spec = REGISTRY[backend]
+    compiled = _compiled(backend, deterministic)
+    if not spec.compiled_on or not spec.interpreted:
+        return compiled(table, ids)  # One path everywhere, or none off its platforms.
+    interpreted = functools.partial(spec.load().lookup, interpret=True, deterministic=deterministic)
+    if spec.chosen_when == "tracing":
+        return compiled(table, ids) if compat.tracing_for_gpu() else interpreted(table, ids)
+    branches = dict.fromkeys(spec.compiled_on, compiled)
+    return jax.lax.platform_dependent(table, ids, **branches, default=interpreted)
+
+
+def _compiled(backend: str, deterministic: bool):
+    """``backend``'s ``lookup`` as it runs compiled; ``RuntimeError`` if it cannot run."""
+    lookup = REGISTRY[backend].load().lookup
+    return functools.partial(lookup, interpret=False, deterministic=deterministic)
 
 
 def lookup(

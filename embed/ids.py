@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from kernels.reference import in_vocab
+from kernels.contract import in_vocab
 
 MODES = ("clip", "fill", "error")
 
@@ -210,6 +210,17 @@ def host_ids(token_ids):
 def saturate(ids: jax.Array) -> jax.Array:
     """JAX integer ids of any width as int32, saturating (device work; traceable)."""
     return ids if ids.dtype == np.int32 else _saturate(ids, jnp)
+
+
+def loss_targets(targets: jax.Array, vocab_size: int) -> jax.Array:
+    """Next-token targets of the tied loss as int32 rows of the table (traceable).
+
+    Saturated to int32 as token ids are, then a negative target indexes from the end
+    once, as optax's ``take_along_axis`` does; a target outside ``[-V, V)`` stays outside
+    ``[0, V)``, where the loss gives NaN (``embed.loss``).
+    """
+    targets = saturate(targets)
+    return jnp.where(targets < 0, targets + vocab_size, targets)
 
 
 def host_int32(ids):

@@ -33,7 +33,7 @@ from flax.nnx.nn import dtypes as flax_dtypes
 from flax.nnx.nn.linear import default_embed_init
 
 from embed import dispatch, ids, loss
-from kernels.reference import SUPPORTED_DTYPES, check_dtype
+from kernels.contract import SUPPORTED_DTYPES, check_dtype
 
 # Metadata keys under which Flax records a variable's partitioning (``out_sharding``
 # since Flax 0.11; the older names are still read by ``nnx.get_partition_spec``).
@@ -133,7 +133,7 @@ class _Embedding(nnx.Embed):
         """The table the lookup gathers from: ``promote_dtype``'s, as in ``nnx.Embed``.
 
         Flax's default promotion is a cast to ``dtype``. To a narrower ``dtype`` it is
-        applied to the gathered rows instead (``_finish``): the same values without
+        applied to the gathered rows instead (``finish``): the same values without
         casting the whole table, and a gradient accumulated in float32 where
         ``nnx.Embed`` scatters in 16 bits. To a wider one (a 16-bit table, float32
         ``dtype``) the table is cast first, as ``nnx.Embed`` does, so the float32
@@ -152,12 +152,17 @@ class _Embedding(nnx.Embed):
         set the dtype already (``_promoted``), as in ``nnx.Embed``."""
         return self.dtype if self.promote_dtype is flax_dtypes.promote_dtype else None
 
-    def _finish(self, rows: jax.Array) -> jax.Array:
-        """Looked-up rows in the output ``dtype``, scaled if ``scale_by_sqrt_d``.
+    def lookup_table(self) -> jax.Array:
+        """The table a lookup reads: the embedding after ``promote_dtype``, as ``__call__``.
 
-        What ``_lookup`` asks ``dispatch.lookup`` to do; ``embed.sharding.apply_sharded``,
-        the same call on a mesh, applies it to the rows its layouts gather.
+        With ``finish``, what a lookup done outside ``__call__`` needs, such as
+        ``embed.parallel.apply_sharded``'s on a mesh.
         """
+        return self._promoted(self.embedding[...])
+
+    def finish(self, rows: jax.Array) -> jax.Array:
+        """Rows read from ``lookup_table()`` in the output ``dtype``, scaled if
+        ``scale_by_sqrt_d``: the rest of ``__call__``."""
         return dispatch.finish(
             rows, self.features, dtype=self._output_dtype, scale_by_sqrt_d=self.scale_by_sqrt_d
         )
@@ -297,7 +302,7 @@ class Embed(_Embedding):
       sharding: logical axes for the table when neither ``embedding_init`` nor
         ``embedding_metadata`` partitions it. ``None`` by default, as ``nnx.Embed``:
         names that a mesh does not know would break Flax's sharding recipe. Pass
-        ``("vocab", "embed")`` to use ``embed.sharding.logical_axis_rules``.
+        ``("vocab", "embed")`` to use ``embed.parallel.logical_axis_rules``.
     """
 
     def __init__(
@@ -388,7 +393,7 @@ class MyEmbed(_Embedding):
         (sort-based, no float atomics; slower when ids repeat). The ``"xla"`` backend
         ignores it: XLA's determinism is set by XLA flags (``embed.dispatch.gather``).
       sharding: logical axes of the table, mapped onto a mesh by
-        ``nnx.logical_axis_rules`` (``embed.sharding``), used when neither
+        ``nnx.logical_axis_rules`` (``embed.parallel``), used when neither
         ``embedding_init`` nor ``embedding_metadata`` partitions the table; ``None``
         for no annotation.
     """

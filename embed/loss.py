@@ -44,7 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels.reference import REDUCTIONS, check_dtype
+from embed import ids
+from kernels.contract import check_dtype
+from kernels.reference import REDUCTIONS
 
 BLOCK_ELEMENTS = 2**23  # Float32 logits in one [chunk, vocab chunk] block: 32 MiB.
 MAX_VOCAB_CHUNK = 2**16
@@ -123,6 +125,26 @@ class _Config:
             return body(0, carry)
         return lax.fori_loop(0, self.num_vocab_chunks, body, carry)
 
+    def checked_label(self, label, targets):
+        """The target logits, NaN for a target outside the vocabulary (as optax)."""
+        return jnp.where((targets >= 0) & (targets < self.vocab_size), label, jnp.nan)
+
+    def token_loss(self, lse, label, keep):
+        """Each token's ``lse - logit[target] + z_loss * lse**2``; 0 where not ``keep``."""
+        return jnp.where(keep, lse - label + self.z_loss * lse**2, 0.0)
+
+    def logits_grad(self, probs, hit, lse, coef, slope):
+        """The float32 gradient of ``coef * token_loss`` with respect to the raw logits.
+
+        ``softmax * (1 + 2 z lse) - onehot(target)``, times ``1 - tanh**2`` under a
+        cap. ``probs - hit`` comes first: exact where a probability rounds to 1.
+        """
+        grad = probs - hit
+        if self.z_loss:
+            grad = grad + (2.0 * self.z_loss * lse)[:, None] * probs
+        grad = coef[:, None] * grad
+        return grad if slope is None else grad * slope
+
 
 def _zeros(shape, *like, fill=0.0):
     """Float32 ``fill`` of ``shape``, varying over the mesh axes that ``like`` vary over.
@@ -182,31 +204,20 @@ def _lse_and_label(table, hidden, targets, cfg: _Config):
         peak = lax.pmax(running_max, cfg.axis_name)
         total = lax.psum(total * jnp.exp(running_max - peak), cfg.axis_name)
         running_max, label = peak, lax.psum(label, cfg.axis_name)
-    lse = running_max + jnp.log(total)
-    in_range = (targets >= 0) & (targets < cfg.vocab_size)
-    return lse, jnp.where(in_range, label, jnp.nan)
+    return running_max + jnp.log(total), cfg.checked_label(label, targets)
 
 
 def _chunk_grads(table, hidden, targets, lse, coef, grad_table, cfg: _Config):
     """Adds one chunk's table gradient into ``grad_table``; returns its hidden gradient.
 
-    ``coef``: [C] float32, each token's cotangent (0 for masked tokens). The gradient of
-    ``lse - logit[target] + z * lse**2`` with respect to the capped logits is
-    ``softmax * (1 + 2 z lse) - onehot(target)``, times ``1 - tanh**2`` under a cap.
+    ``coef``: [C] float32, each token's cotangent (0 for masked tokens).
     """
 
     def body(j, carry):
         grad_hidden, grad_table = carry  # [C, D], [V, D] float32
         logits, slope, rows, start, columns, valid = cfg.block(table, hidden, j)
         probs = jnp.exp(logits - lse[:, None])  # [C, Vc]
-        hit = columns == targets[:, None]
-        # softmax - onehot first: exact where a probability rounds to 1 (no cancellation).
-        grad = probs - hit
-        if cfg.z_loss:
-            grad = grad + (2.0 * cfg.z_loss * lse)[:, None] * probs
-        grad = coef[:, None] * grad
-        if slope is not None:
-            grad = grad * slope
+        grad = cfg.logits_grad(probs, columns == targets[:, None], lse, coef, slope)
         grad = jnp.where(valid, grad, 0.0)  # [C, Vc] float32: gradient of raw logits
         grad_hidden = grad_hidden + cfg.matmul(grad, rows)
         block = cfg.matmul(grad.T, hidden)  # [Vc, D]
@@ -225,8 +236,7 @@ def _per_token(table, hidden, targets, keep, cfg: _Config):
     def step(_, chunk):
         h, t, k = chunk
         lse, label = _lse_and_label(table, h, t, cfg)
-        loss = lse - label + cfg.z_loss * lse**2
-        return None, (jnp.where(k, loss, 0.0), lse)
+        return None, (cfg.token_loss(lse, label, k), lse)
 
     _, (loss, lse) = lax.scan(step, None, (hidden, targets, keep))
     return loss, lse
@@ -271,16 +281,9 @@ def _one_block_loss_and_grads(table, hidden, targets, weights, grad_table, cfg: 
         shifted = shifted * jnp.exp(shard_peak - peak)
         label = lax.psum(label, cfg.axis_name)
     lse = (peak + jnp.log(total))[:, 0]
-    in_range = (targets >= 0) & (targets < cfg.vocab_size)
-    label = jnp.where(in_range, label, jnp.nan)
-    loss = jnp.where(weights != 0, lse - label + cfg.z_loss * lse**2, 0.0)
-    probs = shifted / total
-    grad = probs - (columns == targets[:, None])
-    if cfg.z_loss:
-        grad = grad + (2.0 * cfg.z_loss * lse)[:, None] * probs
-    grad = weights[:, None] * grad
-    if slope is not None:
-        grad = grad * slope
+    label = cfg.checked_label(label, targets)
+    loss = cfg.token_loss(lse, label, weights != 0)
+    grad = cfg.logits_grad(shifted / total, columns == targets[:, None], lse, weights, slope)
     grad_hidden = cfg.matmul(grad, table)
     return loss, grad_hidden, grad_table + cfg.matmul(grad.T, hidden)
 
@@ -300,7 +303,7 @@ def _loss_and_grads(table, hidden, targets, weights, cfg: _Config):
             )
             return grad_table, (loss, grad_hidden)
         lse, label = _lse_and_label(table, h, t, cfg)
-        loss = jnp.where(w != 0, lse - label + cfg.z_loss * lse**2, 0.0)
+        loss = cfg.token_loss(lse, label, w != 0)
         grad_hidden, grad_table = _chunk_grads(table, h, t, lse, w, grad_table, cfg)
         return grad_table, (loss, grad_hidden)
 
@@ -366,6 +369,7 @@ def attend_cross_entropy(
     logit_soft_cap: float | None = None,
     z_loss: float = 0.0,
     dtype=None,
+    axis_name: str | None = None,
 ) -> jax.Array:  # [] float32, or [...] float32 for reduction="none"
     """Cross-entropy of the tied logits ``hidden @ table.T``, never built whole.
 
@@ -396,6 +400,10 @@ def attend_cross_entropy(
       z_loss: weight of the ``logsumexp**2`` term.
       dtype: the matmuls' input dtype (default: the table's); they accumulate in
         float32 and the logits stay float32.
+      axis_name: inside ``shard_map``, the mesh axis the table's rows are split over
+        (Megatron's vocab parallelism, ``embed.parallel``): ``table`` is this shard's
+        block of rows, ``hidden`` and ``targets`` are whole, and the shards combine
+        their statistics over ``axis_name``.
 
     Returns:
       The float32 loss.
@@ -411,6 +419,7 @@ def attend_cross_entropy(
         logit_soft_cap=logit_soft_cap,
         z_loss=z_loss,
         dtype=dtype,
+        axis_name=axis_name,
     )
     return finish(_fused(_vary_like(table, hidden, weights), hidden, targets, weights, cfg))
 
@@ -427,19 +436,19 @@ def _prepare(
     logit_soft_cap,
     z_loss,
     dtype,
-    num_shards=1,
-    axis_name=None,
+    axis_name,
 ):
     """Checks the arguments; returns ``_fused``'s arguments and the output's reshape.
 
-    ``num_shards``: vocab parallel, the table's rows split that many ways over
-    ``axis_name``; the blocks are sized for one shard's rows.
+    ``axis_name``: vocab parallel, ``table`` is one of the row blocks split over that
+    axis; the blocks are sized for one shard's rows.
     """
     table, hidden = jnp.asarray(table), jnp.asarray(hidden)
     targets = jnp.asarray(targets)
     if table.ndim != 2:
         raise ValueError(f"{table.shape=} must be [vocab_size, d_model]")
-    vocab_size, d_model = table.shape
+    rows, d_model = table.shape
+    vocab_size = rows * (1 if axis_name is None else lax.axis_size(axis_name))
     check_dtype("table.dtype", table.dtype)
     if hidden.ndim < 1 or hidden.shape[-1] != d_model:
         raise ValueError(f"{hidden.shape=} must be [..., d_model] with {d_model=}")
@@ -472,12 +481,6 @@ def _prepare(
 
     batch_shape = targets.shape
     num_tokens = math.prod(batch_shape)
-    if vocab_size % num_shards:
-        raise ValueError(
-            f"{vocab_size=} must be a multiple of the {num_shards} shards of {axis_name=}: "
-            "pad the vocabulary (e.g. GPT-2's 50257 to 50304)"
-        )
-    rows = vocab_size // num_shards
     chunk, vocab_chunk = _block_sizes(num_tokens, rows, chunk_size, vocab_chunk_size)
     cfg = _Config(
         vocab_size=vocab_size,
@@ -499,12 +502,7 @@ def _prepare(
     else:
         scale = jnp.float32(1.0)
     weights = jnp.where(keep, scale, 0.0)
-    targets = targets.reshape(num_tokens)
-    # Saturate into int32 (never wrap), then wrap a negative id once, as take_along_axis.
-    info = jnp.iinfo(targets.dtype)
-    targets = jnp.clip(targets, max(info.min, -(2**31)), min(info.max, 2**31 - 1))
-    targets = targets.astype(jnp.int32)
-    targets = jnp.where(targets < 0, targets + vocab_size, targets)
+    targets = ids.loss_targets(targets.reshape(num_tokens), vocab_size)
     hidden = hidden.reshape(num_tokens, d_model)
 
     num_chunks = -(-num_tokens // chunk)
@@ -521,65 +519,3 @@ def _prepare(
         return out
 
     return table, hidden, targets, weights, cfg, finish
-
-
-def vocab_parallel_attend_cross_entropy(
-    table: jax.Array,  # [vocab_size, d_model], its rows split over axis_name
-    hidden: jax.Array,  # [..., d_model], replicated over axis_name
-    targets: jax.Array,  # [...] integer, replicated over axis_name
-    *,
-    mesh: jax.sharding.Mesh,
-    axis_name: str,
-    where: jax.Array | None = None,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-    vocab_chunk_size: int | None = None,
-    logit_soft_cap: float | None = None,
-    z_loss: float = 0.0,
-    dtype=None,
-) -> jax.Array:
-    """``attend_cross_entropy`` with the table's rows split over ``axis_name`` (Megatron's).
-
-    The partner of ``embed.sharding``'s ``"vocab"`` layout. Each shard runs the blocks
-    over its own rows; per token chunk, a ``pmax`` and two ``psum`` of ``[chunk]``
-    combine the shards' log-sum-exps and target logits, so no shard sees another's
-    logits. The table gradient stays on its shard; the hidden gradient is one ``psum``
-    of ``[tokens, d_model]``. With one block per shard, the combine happens while the
-    block is live (three matmuls); with several, each block's logits are computed again
-    for the gradient (four). docs/scaling.md works out the communication.
-
-    Args:
-      table: the whole table, placed or not; ``shard_map`` splits its rows.
-      hidden, targets, where, reduction, chunk_size, vocab_chunk_size, logit_soft_cap,
-        z_loss, dtype: as ``attend_cross_entropy``; the block sizes apply per shard.
-      mesh: the mesh.
-      axis_name: the mesh axis the rows are split over; ``vocab_size`` must be a
-        multiple of its size.
-
-    Returns:
-      The float32 loss, replicated.
-    """
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"{axis_name=} must be an axis of the mesh {mesh.axis_names}")
-    table, hidden, targets, weights, cfg, finish = _prepare(
-        table,
-        hidden,
-        targets,
-        where=where,
-        reduction=reduction,
-        chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size,
-        logit_soft_cap=logit_soft_cap,
-        z_loss=z_loss,
-        dtype=dtype,
-        num_shards=mesh.shape[axis_name],
-        axis_name=axis_name,
-    )
-    P = jax.sharding.PartitionSpec
-    out = jax.shard_map(
-        lambda *args: _fused(_vary_like(args[0], *args[1:]), *args[1:], cfg),
-        mesh=mesh,
-        in_specs=(P(axis_name, None), P(), P(), P()),
-        out_specs=P(),
-    )(table, hidden, targets, weights)
-    return finish(out)

@@ -2,7 +2,8 @@
 
 Layout, as in JAX's own Mosaic GPU ops: forward kernel, its jitted wrapper, backward
 kernels (atomic ``scatter_add``, deterministic ``segment_sum``) with their wrappers,
-then the ``custom_vjp`` wiring. The plain-JAX oracle is in ``kernels/reference.py``.
+then the ``custom_vjp`` wiring (``kernels/contract.py``, the contract every backend
+implements). The plain-JAX oracle is in ``kernels/reference.py``.
 
 Every operand stays in GMEM and the kernels move data themselves, with TMA:
 
@@ -13,7 +14,7 @@ Every operand stays in GMEM and the kernels move data themselves, with TMA:
 * **Backward, atomic.** Each program loads its gradient tile (one copy) and adds row
   ``k`` into table row ``ids[k] mod V`` with a TMA reduction (``cp.reduce.async.bulk``,
   float32 ``add``, atomic per element), predicated off for dropped ids.
-* **Backward, deterministic.** Ids are sorted once (``kernels.common.segments``); each
+* **Backward, deterministic.** Ids are sorted once (``kernels.contract.segments``); each
   program owns ``block_v`` whole rows and sums each row's gradient rows in token order.
 
 Ids are wrapped and clamped inside the kernels, so no copy can address outside the
@@ -40,6 +41,7 @@ kernel's own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,15 +49,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import compat
-from kernels.common import (
-    check_backward_operands,
-    check_operands,
-    gather_with_gradient,
-    pad_columns,
-    segments,
-)
-from kernels.reference import in_vocab, wrap_and_clamp
+from kernels import compat, contract
+from kernels.contract import in_vocab, pad_columns, segments, wrap_and_clamp
 
 # Bytes every copy must move a multiple of: one per thread of a 128-thread warpgroup.
 COPY_BYTES = 128
@@ -94,18 +89,45 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
-    default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
-    block_t = default_t if block_t is None else block_t
-    block_d = default_d if block_d is None else block_d
-    if block_t < 1 or block_t % ID_BLOCK:
-        raise ValueError(f"{block_t=} must be a positive multiple of {ID_BLOCK}")
-    multiple = column_multiple(itemsize)
-    if block_d < 1 or block_d % multiple or block_d > max(MAX_BLOCK_D, multiple):
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tuning of the kernels; a field left ``None`` is chosen from the shapes.
+
+    Attributes:
+      block_t: ids per program of ``gather`` and ``scatter_add`` (row copies in
+        flight), a multiple of 32.
+      block_d: columns per copy, a multiple of ``column_multiple(itemsize)`` up to 256.
+      block_v: table rows per program of ``segment_sum``, a multiple of 32.
+      segment_block_d: columns per program of ``segment_sum``, a multiple of 128 up to 256.
+    """
+
+    block_t: int | None = None
+    block_d: int | None = None
+    block_v: int = ID_BLOCK
+    segment_block_d: int = SEGMENT_BLOCK_D
+
+    def __post_init__(self):
+        for name in ("block_t", "block_v"):
+            value = getattr(self, name)
+            if value is not None and (value < 1 or value % ID_BLOCK):
+                raise ValueError(f"{name}={value} must be a positive multiple of {ID_BLOCK}")
+        if self.block_d is not None:
+            _check_multiple("block_d", self.block_d, column_multiple(4))
+        _check_multiple("segment_block_d", self.segment_block_d, SEGMENT_BLOCK_D)
+
+    def blocks(self, num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]:
+        """``(block_t, block_d)``: these, or ``block_sizes``'s where ``None``."""
+        default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
+        block_d = self.block_d or default_d
+        _check_multiple("block_d", block_d, column_multiple(itemsize))
+        return self.block_t or default_t, block_d
+
+
+def _check_multiple(name: str, value: int, multiple: int) -> None:
+    if value < 1 or value % multiple or value > max(MAX_BLOCK_D, multiple):
         raise ValueError(
-            f"{block_d=} must be a positive multiple of {multiple} up to {MAX_BLOCK_D}"
+            f"{name}={value} must be a positive multiple of {multiple} up to {MAX_BLOCK_D}"
         )
-    return block_t, block_d
 
 
 def _pad_tokens(x: jax.Array, multiple: int, value) -> jax.Array:
@@ -150,26 +172,25 @@ def _gather_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=["block_t", "block_d", "interpret"])
+@functools.partial(jax.jit, static_argnames=["config", "interpret"])
 def gather(
     table: jax.Array,  # [vocab_size, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
-    block_t: int | None = None,
-    block_d: int | None = None,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [num_tokens, d_model]
     """Rows of ``table`` for ``ids`` with the semantics of ``table[ids]``, as one kernel.
 
-    ``block_t`` (a multiple of 32) ids per program, each a row copy in flight;
-    ``block_d`` (a multiple of ``column_multiple``) columns per copy.
+    ``config.block_t`` ids per program, each a row copy in flight; ``config.block_d``
+    columns per copy.
     """
-    check_operands(table, ids)
+    contract.check_operands(table, ids)
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
     if num_tokens == 0:
         return jnp.zeros((0, d_model), table.dtype)
-    block_t, block_d = _resolve_blocks(num_tokens, d_model, table.dtype.itemsize, block_t, block_d)
+    block_t, block_d = (config or Config()).blocks(num_tokens, d_model, table.dtype.itemsize)
     padded = pad_columns(table, block_d)  # A table copy only for unaligned d_model.
     padded_ids = _pad_tokens(ids, block_t, 0)
     (padded_tokens,), padded_d = padded_ids.shape, padded.shape[1]
@@ -232,14 +253,13 @@ def _scatter_add_kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # SMEM outlives the reductions' reads.
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "block_t", "block_d", "interpret"])
+@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
 def scatter_add(
     grad_out: jax.Array,  # [num_tokens, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
     vocab_size: int,
-    block_t: int | None = None,
-    block_d: int | None = None,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: float32 atomic adds into rows ``i mod V``.
@@ -248,10 +268,10 @@ def scatter_add(
     order of float additions for repeated ids is not fixed. ``grad_out`` is cast to
     float32 first (TMA reductions add values of the destination's dtype).
     """
-    num_tokens, d_model = check_backward_operands(grad_out, ids)
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    block_t, block_d = _resolve_blocks(num_tokens, d_model, 4, block_t, block_d)
+    block_t, block_d = (config or Config()).blocks(num_tokens, d_model, 4)
     grad_out = _pad_tokens(pad_columns(grad_out.astype(jnp.float32), block_d), block_t, 0)
     padded_ids = _pad_tokens(ids, block_t, _DROPPED_ID)
     padded_tokens, padded_d = grad_out.shape
@@ -332,14 +352,13 @@ def _segment_sum_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "block_v", "block_d", "interpret"])
+@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
 def segment_sum(
     grad_out: jax.Array,  # [num_tokens, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
     vocab_size: int,
-    block_v: int = ID_BLOCK,
-    block_d: int = SEGMENT_BLOCK_D,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Deterministic table gradient of ``gather``: sort-based, no float atomics.
@@ -351,15 +370,11 @@ def segment_sum(
     whole rows by ``block_d`` (a multiple of 128) columns. A row's work is serial: use
     it for reproducibility, not speed.
     """
-    num_tokens, d_model = check_backward_operands(grad_out, ids)
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    if block_v < 1 or block_v % ID_BLOCK:
-        raise ValueError(f"{block_v=} must be a positive multiple of {ID_BLOCK}")
-    if block_d < 1 or block_d % SEGMENT_BLOCK_D or block_d > MAX_BLOCK_D:
-        raise ValueError(
-            f"{block_d=} must be a positive multiple of {SEGMENT_BLOCK_D} up to {MAX_BLOCK_D}"
-        )
+    config = config or Config()
+    block_v, block_d = config.block_v, config.segment_block_d
     padded_vocab = _round_up(vocab_size, block_v)
     order, bounds = segments(ids, vocab_size, padded_vocab)
     sorted_grad = pad_columns(grad_out.astype(jnp.float32)[order], block_d)
@@ -385,4 +400,4 @@ def segment_sum(
 
 # What the layer calls: ``gather`` with ``scatter_add`` (float32 TMA reductions), or with
 # ``deterministic`` the bit-reproducible ``segment_sum``, as its table gradient.
-lookup = gather_with_gradient(gather, scatter_add, segment_sum)
+lookup = contract.differentiable(gather, scatter_add, segment_sum)

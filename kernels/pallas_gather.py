@@ -12,6 +12,7 @@ inside the kernel, so no program reads outside the table whatever ids it is hand
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,11 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import compat
-from kernels.common import check_backward_operands as _check_backward_operands
-from kernels.common import check_operands as _check_operands
-from kernels.common import gather_with_gradient, pad_columns, segments
-from kernels.reference import in_vocab, wrap_and_clamp
+from kernels import compat, contract
+from kernels.contract import in_vocab, pad_columns, segments, wrap_and_clamp
 
 # From JAX 0.11 every lowering of this module's kernels warns that Pallas on Triton is
 # deprecated; the warning is ours to handle, not our users' (README: "Supported stacks").
@@ -65,14 +63,37 @@ def row_warps(block_d: int) -> int:
     return max(1, min(4, block_d // 128))
 
 
-def _resolve_blocks(num_tokens, d_model, itemsize, block_t, block_d):
-    default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
-    block_t = default_t if block_t is None else block_t
-    block_d = default_d if block_d is None else block_d
-    for name, value in (("block_t", block_t), ("block_d", block_d)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name}={value} must be a positive power of two")
-    return block_t, block_d
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tuning of the kernels; a field left ``None`` is chosen from the shapes.
+
+    Attributes:
+      block_t: tokens per program (``gather``, ``scatter_add``); a power of two.
+      block_d: columns per program; a power of two.
+      block_v: table rows per program of ``segment_sum``; a power of two.
+      num_warps: warps per program (Triton's); ``gather``: 4, or 8 for big tiles; the
+        backwards: ``row_warps(block_d)``.
+      num_stages: Triton's software-pipelining depth.
+    """
+
+    block_t: int | None = None
+    block_d: int | None = None
+    block_v: int = 8
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_t", "block_d", "block_v", "num_warps"):
+            contract.check_power_of_2(name, getattr(self, name))
+        if self.num_stages is not None and (
+            not isinstance(self.num_stages, int) or self.num_stages < 1
+        ):
+            raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
+
+    def blocks(self, num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]:
+        """``(block_t, block_d)``: these, or ``block_sizes``'s where ``None``."""
+        default_t, default_d = block_sizes(num_tokens, d_model, itemsize)
+        return self.block_t or default_t, self.block_d or default_d
 
 
 def _gather_kernel(
@@ -93,28 +114,23 @@ def _gather_kernel(
         out_ref[...] = table_ref[rows[:, None], cols[None, :]]
 
 
-@functools.partial(
-    jax.jit, static_argnames=["block_t", "block_d", "num_warps", "num_stages", "interpret"]
-)
+@functools.partial(jax.jit, static_argnames=["config", "interpret"])
 def gather(
     table: jax.Array,  # [vocab_size, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [num_tokens, d_model]
     """Rows of ``table`` for ``ids`` with the semantics of ``table[ids]``, as one kernel."""
-    _check_operands(table, ids)
+    contract.check_operands(table, ids)
+    config = config or Config()
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
     if num_tokens == 0:
         return jnp.zeros((0, d_model), table.dtype)
-    block_t, block_d = _resolve_blocks(num_tokens, d_model, table.dtype.itemsize, block_t, block_d)
-    if num_warps is None:
-        num_warps = 8 if block_t * block_d >= 8192 else 4
+    block_t, block_d = config.blocks(num_tokens, d_model, table.dtype.itemsize)
+    num_warps = config.num_warps or (8 if block_t * block_d >= 8192 else 4)
     kernel = functools.partial(_gather_kernel, vocab_size=vocab_size, d_model=d_model)
     return pl.pallas_call(
         kernel,
@@ -125,7 +141,7 @@ def gather(
         ],
         out_specs=pl.BlockSpec((block_t, block_d), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((num_tokens, d_model), table.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"embedding_gather_{block_t=}_{block_d=}",
     )(ids, table)
@@ -162,19 +178,13 @@ def _scatter_add_kernel(
     jax.lax.fori_loop(0, block_t, add_row, None)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=["vocab_size", "block_t", "block_d", "num_warps", "num_stages", "interpret"],
-)
+@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
 def scatter_add(
     grad_out: jax.Array,  # [num_tokens, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
     vocab_size: int,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: float32 atomic adds into rows ``i mod V``.
@@ -182,12 +192,11 @@ def scatter_add(
     Ids outside ``[-V, V)`` add nothing, as in ``jax.grad`` of ``table[ids]``. The
     order of float additions for repeated ids is not fixed.
     """
-    num_tokens, d_model = _check_backward_operands(grad_out, ids)
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    block_t, block_d = _resolve_blocks(
-        num_tokens, d_model, grad_out.dtype.itemsize, block_t, block_d
-    )
+    config = config or Config()
+    block_t, block_d = config.blocks(num_tokens, d_model, grad_out.dtype.itemsize)
     grad_out = pad_columns(grad_out, block_d)  # Every atomic: an unmasked row slice.
     padded_d = grad_out.shape[1]
     kernel = functools.partial(_scatter_add_kernel, num_tokens=num_tokens, vocab_size=vocab_size)
@@ -203,7 +212,7 @@ def scatter_add(
         out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
         input_output_aliases={2: 0},
         compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps or row_warps(block_d), num_stages=num_stages
+            num_warps=config.num_warps or row_warps(block_d), num_stages=config.num_stages
         ),
         interpret=interpret,
         name=f"embedding_scatter_add_{block_t=}_{block_d=}",
@@ -235,19 +244,13 @@ def _segment_sum_kernel(
     jax.lax.fori_loop(0, block_v, sum_row, None)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=["vocab_size", "block_v", "block_d", "num_warps", "num_stages", "interpret"],
-)
+@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
 def segment_sum(
     grad_out: jax.Array,  # [num_tokens, d_model]
     ids: jax.Array,  # [num_tokens] int32
     *,
     vocab_size: int,
-    block_v: int = 8,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: Config | None = None,
     interpret: bool = False,
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Deterministic table gradient of ``gather``: sort-based, no float atomics.
@@ -263,12 +266,12 @@ def segment_sum(
     ids are all equal is one program summing ``num_tokens`` rows one after another, where
     ``scatter_add`` spreads them over many programs. Use it for reproducibility, not speed.
     """
-    num_tokens, d_model = _check_backward_operands(grad_out, ids)
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    _, block_d = _resolve_blocks(num_tokens, d_model, grad_out.dtype.itemsize, 1, block_d)
-    if block_v < 1 or block_v & (block_v - 1):
-        raise ValueError(f"{block_v=} must be a positive power of two")
+    config = config or Config()
+    _, block_d = config.blocks(num_tokens, d_model, grad_out.dtype.itemsize)
+    block_v = config.block_v
     num_row_blocks = pl.cdiv(vocab_size, block_v)
     order, bounds = segments(ids, vocab_size, num_row_blocks * block_v)
     grad_out = pad_columns(grad_out, block_d)  # Every load: an unmasked row slice.
@@ -284,7 +287,7 @@ def segment_sum(
         out_specs=pl.BlockSpec((block_v, block_d), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((vocab_size, padded_d), jnp.float32),
         compiler_params=plgpu.CompilerParams(
-            num_warps=num_warps or row_warps(block_d), num_stages=num_stages
+            num_warps=config.num_warps or row_warps(block_d), num_stages=config.num_stages
         ),
         interpret=interpret,
         name=f"embedding_segment_sum_{block_v=}_{block_d=}",
@@ -294,4 +297,4 @@ def segment_sum(
 
 # What the layer calls: ``gather`` with ``scatter_add`` (float32 atomics), or with
 # ``deterministic`` the bit-reproducible ``segment_sum``, as its table gradient.
-lookup = gather_with_gradient(gather, scatter_add, segment_sum)
+lookup = contract.differentiable(gather, scatter_add, segment_sum)

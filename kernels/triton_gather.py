@@ -1,10 +1,12 @@
 """Embedding gather and its table gradient as raw Triton kernels, called through jax-triton.
 
-Layout, as in Liger-Kernel and the Triton tutorials: ``@triton.jit`` kernels first, then
-the plain launchers (``gather``, ``scatter_add``) and a GPU-free compile helper
-(``compile_gather``, ``compile_scatter_add``) that builds PTX with exactly the
-specialisation ``jax_triton.triton_call`` (0.3.1) uses, so tests can inspect the code
-the GPU would run.
+Layout, as in Liger-Kernel and the Triton tutorials: ``@triton.jit`` kernels first (the
+gather, the atomic ``scatter_add`` and the deterministic ``segment_sum``), then the plain
+launchers under the backend contract (``kernels/contract.py``), a GPU-free compile helper
+(``compile_kernel``) that builds PTX with exactly the specialisation
+``jax_triton.triton_call`` (0.3.1) uses, so tests can inspect the code the GPU would run,
+and the ``custom_vjp`` wiring. jax-triton runs the kernels on CUDA only; the tests run
+their logic in Triton's CPU interpreter.
 
 Each program owns a ``[BLOCK_T, BLOCK_D]`` tile: ``BLOCK_T`` tokens by ``BLOCK_D``
 columns, on a 2-D grid (token blocks x column blocks), so rows from 1 to many thousand
@@ -27,16 +29,14 @@ become 128-bit vectors. This costs at most four compiled variants per dtype (``V
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
 
-from kernels import compat, pallas_gather
-from kernels.reference import check_dtype
+from kernels import compat, contract
 
 # Bytes of one vector access: the widest global load/store (ld.global.v4.b32).
 _VECTOR_BYTES = 16
@@ -67,7 +67,7 @@ _TRITON_DTYPE_NAMES = {
 def _wrap_and_clamp(ids, vocab_size):
     """Rows read for ``ids`` ("clip"): wrap a negative id once, then clamp into the table.
 
-    The Triton twin of ``kernels.reference.wrap_and_clamp``: no program addresses
+    The Triton twin of ``kernels.contract.wrap_and_clamp``: no program addresses
     outside the table, whatever ids it is handed.
     """
     rows = tl.where(ids < 0, ids + vocab_size, ids)
@@ -140,6 +140,44 @@ def _scatter_add_kernel(
     tl.atomic_add(dst, grad, mask=mask, sem="relaxed")
 
 
+@triton.jit
+def _segment_sum_kernel(
+    grad_ptr,  # *T [n_tokens, d_model]
+    order_ptr,  # *i32 [n_tokens]: token positions, by gradient row, in token order per row
+    bounds_ptr,  # *i32 [n_rows + 1]: row r's tokens are order[bounds[r]:bounds[r + 1]]
+    vocab_size,  # i32
+    d_model_over_vec,  # i32: d_model // VEC
+    out_ptr,  # *fp32 [vocab_size, d_model]
+    VEC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    d_model = d_model_over_vec * VEC
+
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
+    col_mask = cols < d_model
+    # Each program owns BLOCK_V whole rows and writes every element of them once; a
+    # row's gradient rows are added left to right in token order, in float32: one
+    # fixed order, whatever the tiling or the GPU.
+    for i in tl.static_range(BLOCK_V):
+        row = pid_v * BLOCK_V + i
+        start = tl.load(bounds_ptr + row)
+        end = tl.load(bounds_ptr + row + 1)
+        acc = tl.full((BLOCK_D,), 0.0, tl.float32)
+        k = start
+        while k < end:  # A while loop: Triton's CPU interpreter cannot range over tensors.
+            token = tl.load(order_ptr + k).to(tl.int64)
+            acc += tl.load(grad_ptr + token * d_model + cols, mask=col_mask, other=0.0).to(
+                tl.float32
+            )
+            k += 1
+        dst = out_ptr + row.to(tl.int64) * d_model + cols
+        tl.store(dst, acc, mask=col_mask & (row < vocab_size))
+
+
 # ----------------------------------------------------------------------------------------
 # Launch configuration.
 
@@ -172,42 +210,46 @@ def _block_sizes(d_model: int, itemsize: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _check_power_of_2(name: str, value: int | None, *, maximum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < 1 or value & (value - 1) or value > maximum:
-        raise ValueError(f"{name}={value} must be a power of two in [1, {maximum}]")
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tuning of the kernels; a field left ``None`` is chosen from the shapes.
 
+    Attributes:
+      block_t: tokens per program (``gather``, ``scatter_add``); a power of two.
+      block_d: columns per program; a power of two.
+      block_v: table rows per program of ``segment_sum``; a power of two.
+      num_warps: warps per program; jax-triton's default, 4, when ``None``.
+      num_stages: Triton's software-pipelining depth; jax-triton's default, 3.
+    """
 
-def _config(
-    d_model: int,
-    itemsize: int,
-    *,
-    block_t: int | None,
-    block_d: int | None,
-    num_warps: int | None,
-    num_stages: int | None,
-) -> dict:
-    """Resolved launch parameters shared by the launchers and the compile helpers."""
-    _check_power_of_2("block_t", block_t, maximum=_MAX_TILE_ELEMENTS)
-    _check_power_of_2("block_d", block_d, maximum=_MAX_TILE_ELEMENTS)
-    _check_power_of_2("num_warps", num_warps, maximum=32)
-    if num_stages is not None and (not isinstance(num_stages, int) or num_stages < 1):
-        raise ValueError(f"{num_stages=} must be a positive int")
-    default_t, default_d = _block_sizes(d_model, itemsize)
-    block_t = default_t if block_t is None else block_t
-    block_d = default_d if block_d is None else block_d
-    if block_t * block_d > _MAX_TILE_ELEMENTS:
-        raise ValueError(f"{block_t=} * {block_d=} must be at most {_MAX_TILE_ELEMENTS}")
-    return dict(
-        VEC=_vector_width(d_model, itemsize),
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=_DEFAULT_NUM_WARPS if num_warps is None else num_warps,
-        num_stages=_DEFAULT_NUM_STAGES if num_stages is None else num_stages,
-    )
+    block_t: int | None = None
+    block_d: int | None = None
+    block_v: int = 8
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_t", "block_d", "block_v"):
+            contract.check_power_of_2(name, getattr(self, name), maximum=_MAX_TILE_ELEMENTS)
+        contract.check_power_of_2("num_warps", self.num_warps, maximum=32)
+        if self.num_stages is not None and (
+            not isinstance(self.num_stages, int) or self.num_stages < 1
+        ):
+            raise ValueError(f"num_stages={self.num_stages!r} must be a positive int")
+
+    def launch(self, d_model: int, itemsize: int) -> dict:
+        """The metaparameters and launch options for rows of ``d_model`` x ``itemsize``."""
+        default_t, default_d = _block_sizes(d_model, itemsize)
+        block_t, block_d = self.block_t or default_t, self.block_d or default_d
+        if block_t * block_d > _MAX_TILE_ELEMENTS:
+            raise ValueError(f"{block_t=} * {block_d=} must be at most {_MAX_TILE_ELEMENTS}")
+        return dict(
+            VEC=_vector_width(d_model, itemsize),
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=self.num_warps or _DEFAULT_NUM_WARPS,
+            num_stages=self.num_stages or _DEFAULT_NUM_STAGES,
+        )
 
 
 def _check_sizes(num_tokens: int, vocab_size: int, d_model: int, block_t: int) -> None:
@@ -219,6 +261,14 @@ def _check_sizes(num_tokens: int, vocab_size: int, d_model: int, block_t: int) -
         raise ValueError(f"{num_tokens=} must be below 2**31 - {block_t} (block_t)")
 
 
+def _no_interpreter(interpret: bool) -> None:
+    if interpret:
+        raise ValueError(
+            f"{interpret=} must be False: jax-triton runs the kernels on CUDA only "
+            "(Triton's own CPU interpreter runs them on torch tensors, in the tests)"
+        )
+
+
 # ----------------------------------------------------------------------------------------
 # Launchers.
 
@@ -227,38 +277,19 @@ def gather(
     table: jax.Array,  # [vocab_size, d_model] float32 / bfloat16 / float16
     ids: jax.Array,  # [num_tokens] int32
     *,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: Config | None = None,
+    interpret: bool = False,
 ) -> jax.Array:  # [num_tokens, d_model], table.dtype
     """``table[ids]`` (wrap once, then clamp) with ``_gather_kernel``, via jax-triton."""
-    if table.ndim != 2:
-        raise ValueError(f"{table.shape=} must be (vocab_size, d_model)")
-    check_dtype("table.dtype", table.dtype)
-    if ids.ndim != 1:
-        raise ValueError(f"{ids.shape=} must be (num_tokens,)")
-    if jnp.dtype(ids.dtype) != jnp.int32:
-        raise TypeError(f"{ids.dtype=} must be int32")
+    contract.check_operands(table, ids)
+    _no_interpreter(interpret)
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
-    itemsize = jnp.dtype(table.dtype).itemsize
-    cfg = _config(
-        d_model,
-        itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    cfg = (config or Config()).launch(d_model, table.dtype.itemsize)
     _check_sizes(num_tokens, vocab_size, d_model, cfg["BLOCK_T"])
     out_shape = jax.ShapeDtypeStruct((num_tokens, d_model), table.dtype)
     if num_tokens == 0 or d_model == 0:
         return jnp.zeros(out_shape.shape, out_shape.dtype)
-    grid = (
-        triton.cdiv(num_tokens, cfg["BLOCK_T"]),
-        triton.cdiv(d_model, cfg["BLOCK_D"]),
-    )
     return compat.triton_call(
         ids,
         table,
@@ -267,7 +298,7 @@ def gather(
         d_model // cfg["VEC"],
         kernel=_gather_kernel,
         out_shape=out_shape,
-        grid=grid,
+        grid=(triton.cdiv(num_tokens, cfg["BLOCK_T"]), triton.cdiv(d_model, cfg["BLOCK_D"])),
         name="triton_embedding_gather",
         **cfg,
     )
@@ -276,44 +307,23 @@ def gather(
 def scatter_add(
     grad_out: jax.Array,  # [num_tokens, d_model] float32 / bfloat16 / float16
     ids: jax.Array,  # [num_tokens] int32
-    vocab_size: int,
     *,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-) -> jax.Array:  # [vocab_size, d_model], grad_out.dtype
+    vocab_size: int,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: rows of ``grad_out`` added into rows ``ids mod V``.
 
     Ids outside ``[-vocab_size, vocab_size)`` contribute nothing. Accumulates with float32
-    atomics (summation order of repeated ids is not deterministic) and casts once.
+    atomics (summation order of repeated ids is not deterministic).
     """
-    if grad_out.ndim != 2:
-        raise ValueError(f"{grad_out.shape=} must be (num_tokens, d_model)")
-    check_dtype("grad_out.dtype", grad_out.dtype)
-    if jnp.dtype(ids.dtype) != jnp.int32:
-        raise TypeError(f"{ids.dtype=} must be int32")
-    if ids.shape != grad_out.shape[:1]:
-        raise ValueError(f"{ids.shape=} must be ({grad_out.shape[0]},), one id per row")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
-        raise TypeError(f"{vocab_size=} must be an int")
-    vocab_size = int(vocab_size)
-    num_tokens, d_model = grad_out.shape
-    cfg = _config(
-        d_model,
-        jnp.dtype(grad_out.dtype).itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=None,
-    )
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    _no_interpreter(interpret)
+    cfg = (config or Config()).launch(d_model, grad_out.dtype.itemsize)
     _check_sizes(num_tokens, vocab_size, d_model, cfg["BLOCK_T"])
     if num_tokens == 0 or d_model == 0:
-        return jnp.zeros((vocab_size, d_model), grad_out.dtype)
-    grid = (
-        triton.cdiv(num_tokens, cfg["BLOCK_T"]),
-        triton.cdiv(d_model, cfg["BLOCK_D"]),
-    )
-    acc = compat.triton_call(
+        return jnp.zeros((vocab_size, d_model), jnp.float32)
+    return compat.triton_call(
         grad_out,
         ids,
         num_tokens,
@@ -321,12 +331,50 @@ def scatter_add(
         d_model // cfg["VEC"],
         kernel=_scatter_add_kernel,
         out_shape=jax.ShapeDtypeStruct((vocab_size, d_model), jnp.float32),
-        grid=grid,
+        grid=(triton.cdiv(num_tokens, cfg["BLOCK_T"]), triton.cdiv(d_model, cfg["BLOCK_D"])),
         zeroed=True,
         name="triton_embedding_scatter_add",
         **cfg,
     )
-    return acc.astype(grad_out.dtype)
+
+
+def segment_sum(
+    grad_out: jax.Array,  # [num_tokens, d_model] float32 / bfloat16 / float16
+    ids: jax.Array,  # [num_tokens] int32
+    *,
+    vocab_size: int,
+    config: Config | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [vocab_size, d_model] float32
+    """Deterministic table gradient of ``gather``: sort-based, no float atomics.
+
+    Same semantics as ``scatter_add``, bit-reproducible: XLA sorts the ids by gradient
+    row (``contract.segments``), then each program of ``_segment_sum_kernel`` sums its
+    ``block_v`` rows' gradient rows in token order. A row's work is serial: use it for
+    reproducibility, not speed.
+    """
+    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    _no_interpreter(interpret)
+    config = config or Config()
+    cfg = config.launch(d_model, 4)  # Tiles sized for the float32 rows it sums and writes.
+    _check_sizes(num_tokens, vocab_size, d_model, cfg.pop("BLOCK_T"))
+    if num_tokens == 0 or d_model == 0:
+        return jnp.zeros((vocab_size, d_model), jnp.float32)
+    num_row_blocks = triton.cdiv(vocab_size, config.block_v)
+    order, bounds = contract.segments(ids, vocab_size, num_row_blocks * config.block_v)
+    return compat.triton_call(
+        grad_out,
+        order,
+        bounds,
+        vocab_size,
+        d_model // cfg["VEC"],
+        kernel=_segment_sum_kernel,
+        out_shape=jax.ShapeDtypeStruct((vocab_size, d_model), jnp.float32),
+        grid=(num_row_blocks, triton.cdiv(d_model, cfg["BLOCK_D"])),
+        name="triton_embedding_segment_sum",
+        BLOCK_V=config.block_v,
+        **cfg,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -359,10 +407,82 @@ def _jax_triton_source(fn, args: list[tuple[str, object]], constexprs: dict):
     return triton.compiler.ASTSource(fn, signature=signature, constexprs=constants, attrs=attrs)
 
 
-def _compile(fn, args, cfg, arch: int):
+# Each kernel's runtime arguments, in order, as its launcher passes them: a dtype for an
+# array (None: the table's dtype), a name for a scalar (filled from the sizes).
+_ARGUMENTS = {
+    _gather_kernel: (
+        ("ids_ptr", jnp.int32),
+        ("table_ptr", None),
+        ("n_tokens", "num_tokens"),
+        ("vocab_size", "vocab_size"),
+        ("d_model_over_vec", "d_model_over_vec"),
+        ("out_ptr", None),
+    ),
+    _scatter_add_kernel: (
+        ("grad_ptr", None),
+        ("ids_ptr", jnp.int32),
+        ("n_tokens", "num_tokens"),
+        ("vocab_size", "vocab_size"),
+        ("d_model_over_vec", "d_model_over_vec"),
+        ("acc_ptr", jnp.float32),
+    ),
+    _segment_sum_kernel: (
+        ("grad_ptr", None),
+        ("order_ptr", jnp.int32),
+        ("bounds_ptr", jnp.int32),
+        ("vocab_size", "vocab_size"),
+        ("d_model_over_vec", "d_model_over_vec"),
+        ("out_ptr", jnp.float32),
+    ),
+}
+_KERNELS = {
+    "gather": _gather_kernel,
+    "scatter_add": _scatter_add_kernel,
+    "segment_sum": _segment_sum_kernel,
+}
+
+
+def compile_kernel(
+    kernel: str,
+    *,
+    arch: int,
+    dtype,
+    d_model: int,
+    num_tokens: int = 4096,
+    vocab_size: int = 32000,
+    config: Config | None = None,
+    fn=None,
+    vec: int | None = None,
+):
+    """Compile ``kernel`` (``"gather"``, ``"scatter_add"``, ``"segment_sum"``) for
+    ``sm_{arch}`` without a GPU; returns the compiled kernel.
+
+    Same arguments, metaparameters and specialisation as the launcher hands jax-triton;
+    ``num_tokens`` and ``vocab_size`` only matter when 1 (then they become constexprs).
+    ``dtype`` is the table's (the gradient's for the backwards; they accumulate in
+    float32). Read the code from ``kernel.asm["ptx"]`` (also ``"ttir"``, ``"llir"``).
+    ``fn`` (a stand-in ``@triton.jit`` kernel with the same arguments) and ``vec`` (in
+    place of the launcher's ``VEC``) are for negative controls.
+    """
     from triton.backends.compiler import GPUTarget
 
-    meta = {k: cfg[k] for k in ("VEC", "BLOCK_T", "BLOCK_D")}
+    dtype = contract.check_dtype("dtype", dtype)
+    if d_model < 1:
+        raise ValueError(f"{d_model=} must be at least 1")
+    config = config or Config()
+    cfg = config.launch(d_model, 4 if kernel == "segment_sum" else dtype.itemsize)
+    cfg["VEC"] = vec or cfg["VEC"]
+    sizes = {
+        "num_tokens": num_tokens,
+        "vocab_size": vocab_size,
+        "d_model_over_vec": d_model // cfg["VEC"],
+    }
+    args = [
+        (name, sizes[value] if isinstance(value, str) else (dtype if value is None else value))
+        for name, value in _ARGUMENTS[_KERNELS[kernel]]
+    ]
+    blocks = {"BLOCK_V": config.block_v} if kernel == "segment_sum" else {"BLOCK_T": cfg["BLOCK_T"]}
+    meta = {"VEC": cfg["VEC"], "BLOCK_D": cfg["BLOCK_D"], **blocks}
     options = {
         "num_warps": cfg["num_warps"],
         "num_stages": cfg["num_stages"],
@@ -370,123 +490,11 @@ def _compile(fn, args, cfg, arch: int):
         "enable_fp_fusion": True,
         "debug": False,
     }
-    src = _jax_triton_source(fn, args, meta)
+    src = _jax_triton_source(fn or _KERNELS[kernel], args, meta)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-
-
-def _compile_config(dtype, d_model, block_t, block_d, num_warps, num_stages):
-    dtype = check_dtype("dtype", dtype)
-    if d_model < 1:
-        raise ValueError(f"{d_model=} must be at least 1")
-    cfg = _config(
-        d_model,
-        dtype.itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return dtype, cfg
-
-
-def _gather_args(dtype, num_tokens: int, vocab_size: int, d_model_over_vec: int) -> list:
-    """``_gather_kernel``'s runtime arguments as ``gather`` passes them, for ``_compile``."""
-    return [
-        ("ids_ptr", jnp.int32),
-        ("table_ptr", dtype),
-        ("n_tokens", num_tokens),
-        ("vocab_size", vocab_size),
-        ("d_model_over_vec", d_model_over_vec),
-        ("out_ptr", dtype),
-    ]
-
-
-def compile_gather(
-    *,
-    arch: int,
-    dtype,
-    d_model: int,
-    num_tokens: int = 4096,
-    vocab_size: int = 32000,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-):
-    """Compile ``_gather_kernel`` for ``sm_{arch}`` without a GPU; returns the kernel.
-
-    Same arguments, metaparameters and specialisation as ``gather`` hands jax-triton;
-    ``num_tokens`` and ``vocab_size`` only matter when 1 (then they become constexprs).
-    Read the code from ``kernel.asm["ptx"]`` (also ``"ttir"``, ``"ttgir"``, ``"llir"``).
-    """
-    dtype, cfg = _compile_config(dtype, d_model, block_t, block_d, num_warps, num_stages)
-    args = _gather_args(dtype, num_tokens, vocab_size, d_model // cfg["VEC"])
-    return _compile(_gather_kernel, args, cfg, arch)
-
-
-def compile_scatter_add(
-    *,
-    arch: int,
-    dtype,
-    d_model: int,
-    num_tokens: int = 4096,
-    vocab_size: int = 32000,
-    block_t: int | None = None,
-    block_d: int | None = None,
-    num_warps: int | None = None,
-):
-    """Compile ``_scatter_add_kernel`` for ``sm_{arch}`` without a GPU (see compile_gather).
-
-    ``dtype`` is the output gradient's; the accumulator is float32.
-    """
-    dtype, cfg = _compile_config(dtype, d_model, block_t, block_d, num_warps, None)
-    args = [
-        ("grad_ptr", dtype),
-        ("ids_ptr", jnp.int32),
-        ("n_tokens", num_tokens),
-        ("vocab_size", vocab_size),
-        ("d_model_over_vec", d_model // cfg["VEC"]),
-        ("acc_ptr", jnp.float32),
-    ]
-    return _compile(_scatter_add_kernel, args, cfg, arch)
 
 
 # ----------------------------------------------------------------------------------------
 # custom_vjp wiring: the layer's "triton" backend.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def lookup(table: jax.Array, ids: jax.Array, deterministic: bool = False) -> jax.Array:
-    """``gather`` with ``scatter_add`` as its table gradient; what the layer calls.
-
-    ``deterministic=True`` takes the sort-based Pallas backward
-    (``pallas_gather.segment_sum``) instead of float atomics.
-    """
-    return gather(table, ids)
-
-
-def _lookup_fwd(table, ids, deterministic):
-    # A (vocab_size, 0) array carries the table's shape and dtype at no cost.
-    return gather(table, ids), (ids, table[:, :0])
-
-
-def _lookup_bwd(deterministic, residuals, grad_out):
-    ids, table_like = residuals
-    vocab_size = table_like.shape[0]
-    if deterministic:
-        grad = pallas_gather.segment_sum(grad_out, ids, vocab_size=vocab_size)
-    else:
-        grad = scatter_add(grad_out, ids, vocab_size)
-    return grad.astype(table_like.dtype), None
-
-
-lookup.defvjp(_lookup_fwd, _lookup_bwd)
-
-
-__all__ = [
-    "compile_gather",
-    "compile_scatter_add",
-    "gather",
-    "lookup",
-    "scatter_add",
-]
+lookup = contract.differentiable(gather, scatter_add, segment_sum)

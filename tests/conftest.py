@@ -3,6 +3,9 @@
 ``gpu`` tests need a CUDA GPU; Bazel excludes them unless ``--config=gpu``, and plain
 pytest skips them when JAX's default backend is not a GPU. ``large`` tests need several
 GB of memory; they run only when asked for: ``pytest -m large`` (``--config=large``).
+``backends`` tests run everywhere (compiled on a GPU, interpreted elsewhere), except in
+the CUDA selection (``-m`` naming ``gpu``) on a machine without a GPU, the dry run of
+``tools/gpu_check``: there they are collected and skipped, as the gpu tests are.
 """
 
 import os
@@ -35,6 +38,8 @@ def pytest_collection_modifyitems(config, items):
     if jax.default_backend() != "gpu":
         skips["gpu"] = "needs a CUDA GPU; JAX's default backend is not a GPU"
     markexpr = config.getoption("markexpr", "")
+    if "gpu" in skips and "gpu" in markexpr and "not gpu" not in markexpr:
+        skips["backends"] = "the CUDA selection without a GPU; the CPU suite runs it interpreted"
     if "large" not in markexpr or "not large" in markexpr:
         skips["large"] = "needs about 5 GB of memory; run with -m large (bazel: --config=large)"
     for item in items:

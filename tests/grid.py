@@ -7,6 +7,9 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from embed import dispatch
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 VOCAB_SIZES = (1, 7, 50257)
@@ -61,6 +64,62 @@ def _cases():
 
 
 GATHER_CASES = list(_cases())
+
+
+# A cover of GATHER_CASES: every dtype, odd sizes (1, 3, 7, 129), an empty batch, a
+# table of 1000 rows. Small enough for the Mosaic GPU interpreter, which simulates every
+# row copy of every program on a CPU; for the backends whose interpreter is slow, and
+# for checks run once per backend and case.
+COVER_CASES = [
+    (jnp.float32, 7, 129, 129),
+    (jnp.bfloat16, 1, 3, 7),
+    (jnp.float16, 1000, 768, 33),
+    (jnp.float32, 7, 1, 0),
+]
+
+# ----------------------------------------------------------------------------------------
+# Backends: one parameter per backend of embed.dispatch.REGISTRY, the same ids on every
+# machine; each runs compiled where JAX's default backend is a GPU, interpreted elsewhere,
+# and is skipped with the reason where it cannot run here. ("auto" is none of them: on a
+# CPU it is "xla" again; tests/embed/test_dispatch.py checks it on its own.)
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def interpreted(name: str) -> bool:
+    """Whether backend ``name`` runs in its interpreter on this machine."""
+    return bool(dispatch.REGISTRY[name].compiled_on) and not ON_GPU
+
+
+def backend_problem(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or ``None`` when it can."""
+    backend = dispatch.REGISTRY[name]
+    if problem := backend.problem():
+        return problem
+    if interpreted(name) and not backend.interpreted:
+        return f"{name} runs only compiled, on {backend.compiled_on}"
+    return None
+
+
+def backend_params(names) -> list:
+    """``pytest.param`` per backend name, skipped with the reason where it cannot run."""
+    params = []
+    for name in names:
+        problem = backend_problem(name)
+        skip = pytest.mark.skipif(problem is not None, reason=str(problem))
+        params.append(pytest.param(name, marks=skip, id=name))
+    return params
+
+
+# Every backend.
+BACKENDS = backend_params(dispatch.REGISTRY)
+# The kernels: every backend with a compiled path (all but "xla").
+KERNELS = backend_params(n for n, b in dispatch.REGISTRY.items() if b.compiled_on)
+# Whose interpreter is too slow for every GATHER_CASES case on a CPU (they get COVER_CASES).
+SLOW_INTERPRETERS = ("mosaic",)
+# Cheap on a CPU: "xla" and the Pallas interpreter, for files that check the layer, ids,
+# sharding and training around the gather rather than the kernels themselves.
+CPU_BACKENDS = ("xla", "pallas")
 
 
 def case_id(case) -> str:

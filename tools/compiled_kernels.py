@@ -4,7 +4,7 @@ What this compiles: ``backend x pass x dtype x d_model`` for a compile-only H100
 and, for every backend that supports it, an A100 (sm_80), through XLA's own CUDA
 pipeline (``kernels.compat.compile_only_gpu``): the same passes, with the embedded
 Triton and Mosaic GPU compilers, that a CUDA machine runs. The ``triton`` backend is
-compiled by Triton itself (``kernels.triton_gather.compile_gather``, the specialisation
+compiled by Triton itself (``kernels.triton_gather.compile_kernel``, the specialisation
 jax-triton uses; Triton's own ptxas makes the cubin): jax-triton's lowering calls the
 CUDA driver for the compute capability, and with no driver fails ("cuInit(device)
 failed", jaxlib 0.11.2 with jax-triton 0.3.1).
@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 
 import jax
 import jax.numpy as jnp
 
+from embed import dispatch
 from kernels import compat
 from tools import cubin
 
@@ -84,9 +86,8 @@ def supports(backend: str, gpu: str) -> bool:
 def grid(gpus=GPUS, d_models=D_MODELS) -> list[Case]:
     """Every case the gate compiles: all backends, passes and dtypes on each GPU.
 
-    ``xla``'s deterministic backward is its atomic one (XLA ignores ``deterministic``;
-    ``embed.dispatch.gather``), so it is compiled once, as ``bwd``. ``triton``'s
-    deterministic backward is ``pallas``'s ``segment_sum``, compiled under ``pallas``.
+    ``xla``'s deterministic backward is its atomic one (``kernels/xla.py``: XLA orders
+    its own additions), so it is compiled once, as ``bwd``.
     """
     cases = []
     for gpu in gpus:
@@ -94,7 +95,7 @@ def grid(gpus=GPUS, d_models=D_MODELS) -> list[Case]:
             if not supports(backend, gpu):
                 continue
             for pass_ in PASSES:
-                if pass_ == "bwd_det" and backend in ("xla", "triton"):
+                if pass_ == "bwd_det" and backend == "xla":
                     continue
                 for dtype in DTYPES:
                     for d_model in d_models:
@@ -126,31 +127,21 @@ def gate_cases() -> list[Case]:
 
 
 def backend_problem(backend: str) -> str | None:
-    """Why ``backend``'s kernels cannot be compiled on this stack, or None."""
+    """Why ``backend``'s kernels cannot be compiled on this stack, or None.
+
+    Triton compiles the ``triton`` backend's kernels itself (``_triton_cubins``), so it
+    needs no jax-triton here.
+    """
     problem = compat.cuda_compiler_problem()
-    if problem:
+    if problem or backend == "triton":
         return problem
-    if backend == "pallas":
-        return compat.pallas_triton_problem()
-    if backend == "mosaic":
-        return compat.mosaic_gpu_problem()
-    return None
+    return dispatch.REGISTRY[backend].problem()
 
 
 def _lookup(backend: str, deterministic: bool):
-    if backend == "xla":
-        from kernels import reference
-
-        return reference.lookup
-    if backend == "pallas":
-        from kernels import pallas_gather
-
-        return lambda t, i: pallas_gather.lookup(t, i, False, deterministic)
-    if backend == "mosaic":
-        from kernels import mosaic_gather
-
-        return lambda t, i: mosaic_gather.lookup(t, i, False, deterministic)
-    raise ValueError(f"{backend=} must be one of xla, pallas, mosaic here")
+    """``backend``'s ``lookup`` (the contract's), compiled, with the backward asked for."""
+    module = importlib.import_module(dispatch.REGISTRY[backend].module)
+    return lambda t, i: module.lookup(t, i, False, deterministic)
 
 
 def program(case: Case):
@@ -210,11 +201,8 @@ def _triton_cubins(case: Case) -> list[bytes]:
         num_tokens=case.num_tokens,
         vocab_size=case.vocab_size,
     )
-    if case.pass_ == "fwd":
-        kernel = triton_gather.compile_gather(**common)
-    else:
-        kernel = triton_gather.compile_scatter_add(**common)
-    return [kernel.asm["cubin"]]
+    kernel = {"fwd": "gather", "bwd": "scatter_add", "bwd_det": "segment_sum"}[case.pass_]
+    return [triton_gather.compile_kernel(kernel, **common).asm["cubin"]]
 
 
 def compile_case(case: Case) -> list[cubin.KernelCode]:

@@ -1,42 +1,39 @@
-"""pytest_test: one pytest file as a Bazel py_test.
+"""pytest_test: one pytest file as a Bazel test on each JAX stack it names.
 
     load("//tools:pytest.bzl", "pytest_test")
+    load("//tools:stacks.bzl", "ONE_STACK")
 
     pytest_test(
         name = "test_foo",
         srcs = ["test_foo.py"],
+        stacks = ONE_STACK,           # default: every stack (tools/stacks.bzl)
         deps = ["//embed"],           # py_library targets it imports
         data = ["testdata/x.npz"],    # files it reads (runfiles-relative paths)
         tags = ["gpu"],               # "gpu" / "large": skipped by default, see .bazelrc
     )
 
-The test runs `pytest <srcs> <args>` from the runfiles root, through the
-shared runner //tools:pytest_runner.py, once per JAX stack (WORKSPACE; README's
-"Supported stacks"), so third-party packages need no deps:
+makes, for each stack, `<name>_<stack>`: `pytest <srcs> <args>` from the runfiles root,
+through the shared runner //tools:pytest_runner.py, with that stack's venv interpreter
+(so third-party packages need no deps), tagged `stack_<stack>`; and `<name>`, a
+test_suite of them all. One way to launch any test on any stack:
+`bazel test //tests/embed:test_layer_newest`, or every stack's with
+`bazel test //tests/embed:test_layer`, or one stack's whole suite with
+`bazel test //... --test_tag_filters=stack_newest,-gpu,-large`.
 
-    <name>            the `min` stack: the Python toolchain's venv (@py_venv,
-                      requirements_lock.txt), as a py_test
-    <name>_gpu_image  the same files on @py_gpu_image (an sh_test running that
-    <name>_newest     venv's interpreter), and on @py_newest
-
-Each target is tagged stack_<stack>, which `--config=<stack>` selects (.bazelrc). `import embed`, `import kernels`, `import tests.x` work as in the source
-tree. conftest.py next to the test, and the root's conftest.py / pytest.ini /
-pyproject.toml, are added automatically; a conftest.py in a parent package that
-has its own BUILD file must be passed in deps (e.g. a py_library in that
-package).
+`import embed`, `import kernels`, `import tests.x` work as in the source tree.
+conftest.py next to the test, and the root's conftest.py / pytest.ini / pyproject.toml,
+are added automatically; a conftest.py in a parent package that has its own BUILD file
+must be passed in deps (e.g. a py_library in that package).
 """
 
-_RUNNER = "//tools:pytest_runner.py"
+load(":stacks.bzl", "ALL_STACKS", "stack_repo")
 
-# The stacks other than the toolchain's (`min`): target suffix -> venv repository.
-OTHER_STACKS = {
-    "gpu_image": "@py_gpu_image",
-    "newest": "@py_newest",
-}
+_RUNNER = "//tools:pytest_runner.py"
 
 def pytest_test(
         name,
         srcs,
+        stacks = ALL_STACKS,
         deps = [],
         data = [],
         tags = [],
@@ -44,39 +41,27 @@ def pytest_test(
         args = [],
         env = {},
         **kwargs):
-    """A py_test that runs pytest on `srcs`, and its twins on the other stacks.
+    """A test per stack running pytest on `srcs`, and a test_suite `name` of them.
 
     Args:
-      name: target name (the `min` stack); the others add _gpu_image / _newest.
+      name: the test_suite's name; each stack's test is `<name>_<stack>`.
       srcs: the pytest file(s) (usually one); all are passed to pytest.
+      stacks: the JAX stacks to run on (tools/stacks.bzl): ALL_STACKS for a test whose
+        subject differs between JAX releases, ONE_STACK for one whose subject does not.
       deps: py_library targets the test imports (repo code, conftest libraries).
       data: files the test reads at run time.
       tags: e.g. "gpu", "large" (filtered in .bazelrc), "manual", "exclusive".
       size: Bazel test size; sets the default timeout.
       args: extra pytest arguments, after the test files (e.g. ["-x", "-q"]).
       env: extra environment variables for the test.
-      **kwargs: anything else py_test and sh_test both accept (timeout, shard_count, ...).
+      **kwargs: anything else sh_test accepts (timeout, shard_count, ...).
     """
     conftest = native.glob(["conftest.py"], allow_empty = True)
     data = data + [c for c in conftest if c not in srcs] + ["//:pytest_config"]
     pytest_args = ["$(rootpath %s)" % s for s in srcs] + args
-    native.py_test(
-        name = name,
-        srcs = srcs + [_RUNNER],
-        main = _RUNNER,
-        deps = deps,
-        data = data,
-        args = pytest_args,
-        env = env,
-        tags = tags + ["stack_min"],
-        size = size,
-        python_version = "PY3",
-        srcs_version = "PY3",
-        legacy_create_init = False,
-        **kwargs
-    )
-    for stack, repo in OTHER_STACKS.items():
-        python = repo + "//:python"
+    tests = []
+    for stack in stacks:
+        python = stack_repo(stack) + "//:python"
         native.sh_test(
             name = name + "_" + stack,
             srcs = ["//tools:run_with_python.sh"],
@@ -88,3 +73,5 @@ def pytest_test(
             size = size,
             **kwargs
         )
+        tests.append(":" + name + "_" + stack)
+    native.test_suite(name = name, tests = tests)

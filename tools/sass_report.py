@@ -132,10 +132,12 @@ def _grid_from_blocks(case: ck.Case, kernel: cubin.KernelCode) -> int | None:
         from kernels import triton_gather
 
         itemsize = jnp.dtype(case.dtype).itemsize
-        cfg = triton_gather._config(
-            case.d_model, itemsize, block_t=None, block_d=None, num_warps=None, num_stages=None
-        )
-        block_t, block_d = cfg["BLOCK_T"], cfg["BLOCK_D"]
+        config = triton_gather.Config()
+        if "segment_sum" in kernel.name:  # Rows of the table, tiled for float32 sums.
+            block_t, block_d = config.block_v, config.launch(case.d_model, 4)["BLOCK_D"]
+        else:
+            cfg = config.launch(case.d_model, itemsize)
+            block_t, block_d = cfg["BLOCK_T"], cfg["BLOCK_D"]
     elif m := _BLOCKS_IN_NAME.search(kernel.name):
         block_t, block_d = int(m.group(1)), int(m.group(2))
     else:

@@ -269,8 +269,14 @@ def run_checks() -> tuple[dict, dict]:
     from jax.sharding import PartitionSpec as P
 
     from embed import MyEmbed
-    from embed.loss import attend_cross_entropy, vocab_parallel_attend_cross_entropy
-    from embed.sharding import apply_sharded, logical_axis_rules, shard_module, sharded_lookup
+    from embed.loss import attend_cross_entropy
+    from embed.parallel import (
+        apply_sharded,
+        logical_axis_rules,
+        shard_module,
+        sharded_lookup,
+        vocab_parallel_attend_cross_entropy,
+    )
 
     arrays, messages = {}, {}
     env = _Env(_mesh((jax.device_count(),), ("x",), AxisType.Auto))

@@ -46,6 +46,30 @@ def test_cuda_lowering_carries_the_kernel_even_when_traced_on_cpu(backend):
     assert grid.TRITON_CALL not in _lowered(backend, ("cpu",))
 
 
+def test_default_layer_matches_xla_and_runs_the_kernel_auto_picks():
+    """ "auto" (the default), once: forward and gradient equal to "xla", and the kernel
+    ``backend_for`` names in the compiled call (the Pallas kernel on a CUDA machine)."""
+    ids = jnp.asarray(grid.make_ids(97, 2 * 129).reshape(2, 129))
+    cotangent = jax.random.normal(jax.random.key(1), (2, 129, 64))
+
+    def forward_and_grad(layer):
+        grad = nnx.grad(lambda m: jnp.vdot(m(ids), cotangent))(layer).embedding[...]
+        return layer(ids), grad
+
+    default = embed.MyEmbed(97, 64, nnx.Rngs(0))
+    assert default.backend == "auto"
+    out, grad = forward_and_grad(default)
+    expected_out, expected_grad = forward_and_grad(
+        embed.MyEmbed(97, 64, nnx.Rngs(0), backend="xla")
+    )
+    grid.assert_bits_equal(out, expected_out)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
+    graphdef, state = nnx.split(default)
+    text = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)).lower(state, ids).as_text()
+    picked = embed.backend_for("auto")
+    assert (grid.TRITON_CALL in text) == (picked == "pallas"), picked
+
+
 def test_export_for_cuda_from_a_cpu_host_carries_the_kernel():
     # One export per platform: JAX 0.10.2 lowers every kept branch of a multi-platform
     # export for every platform, and pallas_call's CPU rule refuses a compiled kernel.

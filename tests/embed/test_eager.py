@@ -21,7 +21,7 @@ import embed
 from embed import Embed, MyEmbed, dispatch
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]
+BACKENDS = grid.CPU_BACKENDS
 VOCAB, D_MODEL = 300, 16  # uint8 ids are all in range: mode="error" runs them too.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -247,7 +247,7 @@ def test_under_shard_map_the_lookup_is_traced_as_before():
     table = grid.make_table(VOCAB, D_MODEL, jnp.float32)
     token_ids = jnp.asarray(grid.make_ids(VOCAB, 8))
     spec = jax.sharding.PartitionSpec("x")
-    # check_vma=False: pallas_call declares no per-axis variance (as in embed.sharding).
+    # check_vma=False: pallas_call declares no per-axis variance (as in embed.parallel).
     fn = jax.shard_map(
         lambda i: embed.lookup(table, i, mode="fill"),
         mesh=mesh,

@@ -17,7 +17,7 @@ from flax import nnx
 from embed import Embed, MyEmbed
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]  # Every backend that runs on CPU.
+BACKENDS = grid.CPU_BACKENDS
 FEATURES = 5
 FLAX_ATTRIBUTES = ("num_embeddings", "features", "dtype", "param_dtype", "promote_dtype")
 
@@ -130,7 +130,7 @@ def test_user_partitioning_wins_over_our_logical_axes(face):
     def spec(layer):
         return nnx.get_partition_spec(nnx.state(layer))["embedding"].get_value()
 
-    # Outside a mesh, Flax places nothing eagerly (test_sharding.py places them).
+    # Outside a mesh, Flax places nothing eagerly (test_parallel.py places them).
     init = nnx.with_partitioning(
         nnx.initializers.normal(0.02), ("model", None), eager_sharding=False
     )

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import embed
 from tests import grid
 
-BACKENDS = ["xla", "pallas", "auto"]
+BACKENDS = grid.CPU_BACKENDS
 # Examples per (backend, mode): 3 x 3 x 10 forward and 3 x 2 x 4 gradient lookups.
 PROPERTY_SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 GRADIENT_SETTINGS = settings(max_examples=4, deadline=None, derandomize=True)

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import embed
-from kernels import compat, triton_gather
+from kernels import compat, pallas_gather, triton_gather
 from tests import grid
 
 SHAPES = (jax.ShapeDtypeStruct((7, 129), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.int32))
@@ -80,8 +80,11 @@ def test_when_the_deprecation_becomes_an_error_pallas_fails_clearly_at_build():
     with compat.pallas_triton_deprecation_accelerated():
         # JAX's own lowering now raises: the simulation is what that release will do.
         with pytest.raises(ValueError, match="Pallas Triton backend is deprecated"):
-            compat.lower(lambda t, i: embed.lookup(t, i, backend="pallas"), *SHAPES)
+            compat.lower(pallas_gather.gather, *SHAPES)
         assert 'backend="mosaic"' in compat.pallas_triton_problem()
+        # The library says so first, naming the way out, wherever "pallas" is asked for.
+        with pytest.raises(RuntimeError, match=r"backend='pallas' cannot run here: .*mosaic"):
+            compat.lower(lambda t, i: embed.lookup(t, i, backend="pallas"), *SHAPES)
         with pytest.raises(RuntimeError, match=r"backend='pallas' cannot run here: .*error"):
             embed.MyEmbed(7, 129, nnx.Rngs(0), backend="pallas")
         # "auto" steps off the dead path instead of failing every model that uses it.
@@ -120,7 +123,7 @@ def test_triton_call_speaks_the_installed_jax_triton():
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         forward = jax.make_jaxpr(triton_gather.gather)(table, ids)
-        backward = jax.make_jaxpr(lambda g, i: triton_gather.scatter_add(g, i, 7))(
+        backward = jax.make_jaxpr(lambda g, i: triton_gather.scatter_add(g, i, vocab_size=7))(
             jax.ShapeDtypeStruct((5, 16), jnp.float32), ids
         )
     # No deprecated argument (out_shape, zeroed_outputs) on the installed jax-triton.

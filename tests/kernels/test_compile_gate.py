@@ -64,9 +64,15 @@ def test_negative_control_narrow_access_fails_the_checker():
     from tools import cubin
 
     case = ck.Case("triton", "fwd", "float32", 768)
-    cfg = triton_gather._config(768, 4, block_t=None, block_d=None, num_warps=None, num_stages=None)
-    args = triton_gather._gather_args(jnp.float32, ck.NUM_TOKENS, ck.VOCAB_SIZE, 768)
-    narrow = triton_gather._compile(triton_gather._gather_kernel, args, {**cfg, "VEC": 1}, 90)
+    narrow = triton_gather.compile_kernel(
+        "gather",
+        arch=90,
+        dtype=jnp.float32,
+        d_model=768,
+        num_tokens=ck.NUM_TOKENS,
+        vocab_size=ck.VOCAB_SIZE,
+        vec=1,
+    )
     kernels = cubin.disassemble(narrow.asm["cubin"])
     problems = ck.problems(case, kernels)
     assert any("narrower than the 128-bit rows allow" in p for p in problems), problems
@@ -77,7 +83,7 @@ def test_negative_control_narrow_access_fails_the_checker():
 def test_negative_control_compare_and_swap_fails_the_checker():
     """XLA's own bfloat16 scatter-add (``jax.grad`` of ``table[ids]``) is a CAS loop.
 
-    That is why the xla backend accumulates in float32 (``kernels.reference.lookup``);
+    That is why the xla backend accumulates in float32 (``kernels/xla.py``);
     the checker must reject the plain bfloat16 gradient it replaces.
     """
     case = ck.Case("xla", "bwd", "bfloat16", 768)

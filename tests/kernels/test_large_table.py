@@ -161,21 +161,9 @@ def test_bfloat16_table_past_two_to_the_31_elements():
 
 @pytest.mark.gpu
 @pytest.mark.large
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "pallas",
-        "triton",
-        # TMA copies from a 64-bit base at 32-bit row/column coordinates (mosaic_gather).
-        pytest.param(
-            "mosaic",
-            marks=pytest.mark.skipif(
-                compat.mosaic_gpu_problem() is not None, reason=str(compat.mosaic_gpu_problem())
-            ),
-        ),
-        "auto",
-    ],
-)
+# Each kernel, compiled ("auto" is "pallas" there). Mosaic's TMA copies from a 64-bit
+# base at 32-bit row/column coordinates (mosaic_gather).
+@pytest.mark.parametrize("backend", grid.KERNELS)
 def test_gpu_large_table_forward_modes_and_gradient(backend):
     """On the GPU, compiled: rows past element 2**31 in each mode, and the gradient
     written to exactly the rows looked up (tools/gpu_check runs it under memcheck)."""

@@ -10,7 +10,7 @@ vocabulary (minutes); the lowering tests cover that size.
 
 The interpreter has no atomics: ``scatter_add``'s one add step runs as read-add-write
 there (``kernels/mosaic_gather.py``), and only a GPU runs the TMA reduction itself
-(``tests/embed/test_gpu.py``).
+(``tests/embed/test_backends.py``, compiled).
 """
 
 import functools
@@ -95,7 +95,8 @@ def test_nan_and_signed_zero_rows_are_copied_bit_for_bit():
 def test_explicit_blocks(block_t, block_d):
     table = grid.make_table(11, 129, jnp.float32)
     ids = jnp.asarray(grid.make_ids(11, 100))
-    out = mosaic_gather.gather(table, ids, block_t=block_t, block_d=block_d, interpret=True)
+    config = mosaic_gather.Config(block_t=block_t, block_d=block_d)
+    out = mosaic_gather.gather(table, ids, config=config, interpret=True)
     grid.assert_bits_equal(out, table[ids])
 
 
@@ -109,15 +110,14 @@ def test_explicit_blocks(block_t, block_d):
 )
 def test_block_sizes_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        mosaic_gather.gather(jnp.zeros((4, 64)), jnp.zeros((4,), jnp.int32), **kwargs)
+        mosaic_gather.Config(**kwargs)
 
 
 def test_segment_sum_blocks_are_validated():
-    grad_out, ids = jnp.zeros((4, 8)), jnp.zeros((4,), jnp.int32)
     with pytest.raises(ValueError, match="block_v=8 must be a positive multiple of 32"):
-        mosaic_gather.segment_sum(grad_out, ids, vocab_size=4, block_v=8)
-    with pytest.raises(ValueError, match="block_d=64 must be a positive multiple of 128"):
-        mosaic_gather.segment_sum(grad_out, ids, vocab_size=4, block_d=64)
+        mosaic_gather.Config(block_v=8)
+    with pytest.raises(ValueError, match="segment_block_d=64 must be a positive multiple of 128"):
+        mosaic_gather.Config(segment_block_d=64)
 
 
 def test_operands_are_validated():

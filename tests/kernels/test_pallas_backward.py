@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import compat, pallas_gather, reference
+from kernels import compat, contract, pallas_gather, reference
 from tests import grid
 
 
@@ -92,8 +92,9 @@ def test_bits_do_not_depend_on_run_tiling_or_interleaving(ids_kind):
     grad_out = jnp.asarray(grad_out, jnp.float32)
 
     def run(g, i, **blocks):
+        config = pallas_gather.Config(**blocks)
         return pallas_gather.segment_sum(
-            g, jnp.asarray(i), vocab_size=vocab_size, interpret=True, **blocks
+            g, jnp.asarray(i), vocab_size=vocab_size, config=config, interpret=True
         )
 
     first = run(grad_out, ids)
@@ -101,7 +102,7 @@ def test_bits_do_not_depend_on_run_tiling_or_interleaving(ids_kind):
     for blocks in ({"block_v": 1, "block_d": 16}, {"block_v": 128, "block_d": 256}):
         grid.assert_bits_equal(run(grad_out, ids, **blocks), first)
     # Reordering tokens while keeping each row's tokens in their order changes nothing.
-    rows = np.asarray(reference.wrap_and_clamp(ids, vocab_size))
+    rows = np.asarray(contract.wrap_and_clamp(ids, vocab_size))
     by_row = np.argsort(rows, kind="stable")
     grid.assert_bits_equal(run(grad_out[by_row], ids[by_row]), first)
 
@@ -115,9 +116,7 @@ def test_out_of_range_ids_add_nothing_to_the_gradient():
 
 def test_block_v_must_be_a_power_of_two():
     with pytest.raises(ValueError, match="block_v=3 must be a positive power of two"):
-        pallas_gather.segment_sum(
-            jnp.zeros((4, 8)), jnp.zeros((4,), jnp.int32), vocab_size=4, block_v=3
-        )
+        pallas_gather.Config(block_v=3)
 
 
 @pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)

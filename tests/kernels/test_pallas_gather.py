@@ -22,7 +22,8 @@ def test_gather_interpret_matches_reference(case):
 def test_explicit_blocks_that_do_not_divide_the_shape(block_t, block_d):
     table = grid.make_table(11, 129, jnp.float32)
     ids = jnp.asarray(grid.make_ids(11, 37))
-    out = pallas_gather.gather(table, ids, block_t=block_t, block_d=block_d, interpret=True)
+    config = pallas_gather.Config(block_t=block_t, block_d=block_d)
+    out = pallas_gather.gather(table, ids, config=config, interpret=True)
     grid.assert_bits_equal(out, table[ids])
 
 
@@ -35,7 +36,7 @@ def test_nan_and_signed_zero_rows_are_copied_bit_for_bit():
 @pytest.mark.parametrize(("name", "value"), [("block_t", 3), ("block_d", 0), ("block_d", 48)])
 def test_block_sizes_must_be_powers_of_two(name, value):
     with pytest.raises(ValueError, match=f"{name}={value} must be a positive power of two"):
-        pallas_gather.gather(jnp.zeros((4, 8)), jnp.zeros((4,), jnp.int32), **{name: value})
+        pallas_gather.Config(**{name: value})
 
 
 def test_operands_are_validated():

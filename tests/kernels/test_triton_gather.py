@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from kernels import compat
+from kernels import compat, contract
 from kernels import triton_gather as tg
+from tests import grid
 
 try:  # Triton's CPU interpreter runs on torch tensors; the PTX tests need no torch.
     import torch
@@ -73,16 +74,9 @@ def _make_ids(vocab_size: int, num_tokens: int, seed: int) -> np.ndarray:
 
 
 def _rows_read(ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    ids = ids.astype(np.int64)
-    return np.clip(np.where(ids < 0, ids + vocab_size, ids), 0, vocab_size - 1)
-
-
-def _scatter_add_ref(grad: np.ndarray, ids: np.ndarray, vocab_size: int) -> np.ndarray:
-    ids = ids.astype(np.int64)
-    keep = (ids >= -vocab_size) & (ids < vocab_size)
-    out = np.zeros((vocab_size, grad.shape[1]), np.float32)
-    np.add.at(out, ids[keep] % vocab_size, grad[keep].astype(np.float32))
-    return out
+    """The rows the kernels' one helper reads (``contract.wrap_and_clamp``): the Triton
+    twin ``_wrap_and_clamp`` is checked against it."""
+    return np.asarray(contract.wrap_and_clamp(jnp.asarray(ids), vocab_size))
 
 
 def _torch_table(shape, dtype, seed: int) -> torch.Tensor:
@@ -91,14 +85,7 @@ def _torch_table(shape, dtype, seed: int) -> torch.Tensor:
 
 
 def _launch_params(d_model, itemsize, block_t=None, block_d=None):
-    cfg = tg._config(
-        d_model,
-        itemsize,
-        block_t=block_t,
-        block_d=block_d,
-        num_warps=None,
-        num_stages=None,
-    )
+    cfg = tg.Config(block_t=block_t, block_d=block_d).launch(d_model, itemsize)
     return {k: cfg[k] for k in ("VEC", "BLOCK_T", "BLOCK_D")}
 
 
@@ -166,6 +153,30 @@ def _interpret_scatter_add(grad: torch.Tensor, ids: np.ndarray, vocab_size, **bl
     return acc
 
 
+def _interpret_segment_sum(
+    grad: torch.Tensor, ids: np.ndarray, vocab_size, block_v=8, block_d=None
+):
+    num_tokens, d_model = grad.shape
+    config = tg.Config(block_v=block_v, block_d=block_d)
+    meta = config.launch(d_model, 4)
+    num_rows = triton.cdiv(vocab_size, block_v) * block_v
+    order, bounds = contract.segments(jnp.asarray(ids), vocab_size, num_rows)
+    out = torch.full((vocab_size, d_model), float("nan"), dtype=torch.float32)
+    grid = (num_rows // block_v, triton.cdiv(d_model, meta["BLOCK_D"]))
+    _Interpreted(tg._segment_sum_kernel)[grid](
+        grad,
+        torch.from_numpy(np.array(order)),
+        torch.from_numpy(np.array(bounds)),
+        vocab_size,
+        d_model // meta["VEC"],
+        out,
+        VEC=meta["VEC"],
+        BLOCK_V=block_v,
+        BLOCK_D=meta["BLOCK_D"],
+    )
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Triton interpreter (CPU): the kernels' logic, bit for bit.
 
@@ -221,7 +232,7 @@ def test_interpreted_scatter_add_matches_numpy(vocab_size, d_model, num_tokens, 
     pool = np.array(_edge_ids(vocab_size) + [2, 3, -2], np.int32)
     ids = rng.choice(pool, size=num_tokens)
     acc = _interpret_scatter_add(grad, ids, vocab_size)
-    expected = _scatter_add_ref(grad.float().numpy(), ids, vocab_size)
+    expected = grid.grad_in_token_order(grad.float().numpy(), ids, vocab_size)
     np.testing.assert_allclose(acc.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -235,6 +246,25 @@ def test_interpreted_scatter_add_duplicates_small_blocks():
     expected = np.zeros((vocab_size, d_model), np.float32)
     expected[3] = num_tokens // 2
     np.testing.assert_array_equal(acc.numpy(), expected)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=_id)
+@pytest.mark.parametrize(
+    ("vocab_size", "d_model", "num_tokens", "block_v", "block_d"),
+    [(1, 1, 7, 8, None), (7, 3, 129, 8, None), (7, 129, 129, 2, 32), (1000, 64, 129, 16, None)],
+)
+def test_interpreted_segment_sum_adds_in_token_order(
+    vocab_size, d_model, num_tokens, block_v, block_d, dtype
+):
+    """Bit for bit the float32 sum in token order (np.add.at adds in index order)."""
+    grad = _torch_table((num_tokens, d_model), dtype, seed=d_model)
+    rng = np.random.default_rng(vocab_size)
+    pool = np.array(_edge_ids(vocab_size) + [2, 3, -2], np.int32)
+    ids = rng.choice(pool, size=num_tokens)
+    out = _interpret_segment_sum(grad, ids, vocab_size, block_v=block_v, block_d=block_d)
+    expected = grid.grad_in_token_order(grad.float().numpy(), ids, vocab_size)
+    np.testing.assert_array_equal(out.view(torch.int32).numpy(), expected.view(np.int32))
 
 
 @triton.jit
@@ -306,7 +336,7 @@ VECTOR_CASES = [
 @pytest.mark.parametrize(("dtype", "d_model"), VECTOR_CASES, ids=_id)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gather_ptx_uses_128_bit_row_accesses(arch, dtype, d_model):
-    ptx = tg.compile_gather(arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
+    ptx = tg.compile_kernel("gather", arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
     assert f".target sm_{arch}" in ptx
     stores = _accesses(ptx, "st")
     assert stores and all(s == "st.global.v4.b32" for s in stores), sorted(set(stores))
@@ -326,7 +356,7 @@ ODD_CASES = [
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gather_ptx_odd_rows_are_not_vectorised(arch, dtype, d_model):
     """Negative control: the vector check can fail."""
-    ptx = tg.compile_gather(arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
+    ptx = tg.compile_kernel("gather", arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
     bits = 8 * jnp.dtype(dtype).itemsize
     stores = _accesses(ptx, "st")
     assert stores and all(s == f"st.global.b{bits}" for s in stores), sorted(set(stores))
@@ -336,7 +366,7 @@ def test_gather_ptx_odd_rows_are_not_vectorised(arch, dtype, d_model):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gather_ptx_16_bit_rows_of_4_get_64_bit_vectors(arch):
-    ptx = tg.compile_gather(arch=arch, dtype=jnp.bfloat16, d_model=4 * 193).asm["ptx"]
+    ptx = tg.compile_kernel("gather", arch=arch, dtype=jnp.bfloat16, d_model=4 * 193).asm["ptx"]
     stores = _accesses(ptx, "st")
     assert stores and all(s == "st.global.v2.b32" for s in stores), sorted(set(stores))
 
@@ -345,19 +375,17 @@ def test_gather_ptx_16_bit_rows_of_4_get_64_bit_vectors(arch):
 def test_gather_ptx_without_vec_fact_is_scalar(arch):
     """Why VEC exists: d_model=768 passed as a plain jax-triton scalar (no divisibility
     fact, VEC=1) compiles to scalar accesses."""
-    cfg = tg._config(768, 4, block_t=None, block_d=None, num_warps=None, num_stages=None)
-    cfg["VEC"] = 1
-    args = tg._gather_args(jnp.float32, 4096, 32000, 768)
-    ptx = tg._compile(tg._gather_kernel, args, cfg, arch).asm["ptx"]
+    ptx = tg.compile_kernel("gather", arch=arch, dtype=jnp.float32, d_model=768, vec=1).asm["ptx"]
     assert set(_accesses(ptx, "st")) == {"st.global.b32"}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_64_bit_check_catches_32_bit_offsets(arch):
     """Negative control: the same kernel with 32-bit offsets fails the 64-bit check."""
-    cfg = tg._config(768, 4, block_t=None, block_d=None, num_warps=None, num_stages=None)
-    args = tg._gather_args(jnp.float32, 4096, 32000, 768 // cfg["VEC"])
-    ptx = tg._compile(_gather_kernel_32_bit_offsets, args, cfg, arch).asm["ptx"]
+    kernel = tg.compile_kernel(
+        "gather", arch=arch, dtype=jnp.float32, d_model=768, fn=_gather_kernel_32_bit_offsets
+    )
+    ptx = kernel.asm["ptx"]
     with pytest.raises(AssertionError, match="32-bit row-offset arithmetic"):
         _assert_row_offsets_are_64_bit(ptx)
 
@@ -366,7 +394,9 @@ def test_64_bit_check_catches_32_bit_offsets(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gather_ptx_with_unit_scalars(arch, dtype):
     """Scalars equal to 1 become constexprs under jax-triton: still compiles and vectorises."""
-    kernel = tg.compile_gather(arch=arch, dtype=dtype, d_model=64, num_tokens=1, vocab_size=1)
+    kernel = tg.compile_kernel(
+        "gather", arch=arch, dtype=dtype, d_model=64, num_tokens=1, vocab_size=1
+    )
     assert "st.global.v4.b32" in kernel.asm["ptx"]
 
 
@@ -381,12 +411,24 @@ SCATTER_CASES = [
 @pytest.mark.parametrize(("dtype", "d_model"), SCATTER_CASES, ids=_id)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scatter_add_ptx(arch, dtype, d_model):
-    ptx = tg.compile_scatter_add(arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
+    ptx = tg.compile_kernel("scatter_add", arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
     assert f".target sm_{arch}" in ptx
     atomics = _accesses(ptx, "atom") + _accesses(ptx, "red")
     assert atomics and all(a.endswith(".f32") and ".add" in a for a in atomics), atomics
     if d_model % (16 // jnp.dtype(dtype).itemsize) == 0:
         assert "ld.global.v4.b32" in _accesses(ptx, "ld")  # grad rows
+    _assert_row_offsets_are_64_bit(ptx)
+
+
+@pytest.mark.parametrize(("dtype", "d_model"), SCATTER_CASES, ids=_id)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_segment_sum_ptx_has_no_atomics(arch, dtype, d_model):
+    ptx = tg.compile_kernel("segment_sum", arch=arch, dtype=dtype, d_model=d_model).asm["ptx"]
+    assert f".target sm_{arch}" in ptx
+    assert not _accesses(ptx, "atom") and not _accesses(ptx, "red")
+    stores = _accesses(ptx, "st")
+    if d_model >= 256:  # A float32 tile of 256 or more: vector stores (2+ lanes a thread).
+        assert stores and all(s in ("st.global.v2.b32", "st.global.v4.b32") for s in stores)
     _assert_row_offsets_are_64_bit(ptx)
 
 
@@ -416,16 +458,18 @@ def test_gather_validates_inputs():
         tg.gather(table.astype(jnp.int32), ids)
     with pytest.raises(ValueError, match="ids.shape"):
         tg.gather(table, ids[None])
-    with pytest.raises(TypeError, match="ids.dtype"):
+    with pytest.raises(ValueError, match="ids.dtype"):
         tg.gather(table, ids.astype(jnp.uint32))
     with pytest.raises(ValueError, match="block_d"):
-        tg.gather(table, ids, block_d=3)
+        tg.Config(block_d=3)
     with pytest.raises(ValueError, match="vocab_size"):
         tg.gather(jnp.zeros((0, 8), jnp.float32), ids)
     with pytest.raises(ValueError, match="ids.shape"):
-        tg.scatter_add(jnp.zeros((2, 8), jnp.float32), ids, 4)
+        tg.scatter_add(jnp.zeros((2, 8), jnp.float32), ids, vocab_size=4)
     with pytest.raises(TypeError, match="grad_out.dtype"):
-        tg.scatter_add(jnp.zeros((3, 8), jnp.int32), ids, 4)
+        tg.scatter_add(jnp.zeros((3, 8), jnp.int32), ids, vocab_size=4)
+    with pytest.raises(ValueError, match="interpret=True must be False"):
+        tg.gather(table, ids, interpret=True)
 
 
 def test_empty_inputs_do_not_launch():
@@ -433,8 +477,9 @@ def test_empty_inputs_do_not_launch():
     ids = jnp.zeros((0,), jnp.int32)
     out = tg.gather(table, ids)
     assert out.shape == (0, 8) and out.dtype == jnp.bfloat16
-    grad = tg.scatter_add(jnp.zeros((0, 8), jnp.bfloat16), ids, 5)
-    assert grad.shape == (5, 8) and grad.dtype == jnp.bfloat16 and not grad.any()
+    for backward in (tg.scatter_add, tg.segment_sum):
+        grad = backward(jnp.zeros((0, 8), jnp.bfloat16), ids, vocab_size=5)
+        assert grad.shape == (5, 8) and grad.dtype == jnp.float32 and not grad.any()
 
 
 def test_without_jax_triton_says_what_is_needed():
@@ -497,7 +542,7 @@ def test_gpu_scatter_add_matches_grad_of_indexing(vocab_size, d_model, num_token
     out = jax.jit(tg.scatter_add, static_argnums=2)(grad_out, ids, vocab_size)
     assert out.dtype == dtype and out.shape == (vocab_size, d_model)
     grad_f32 = np.asarray(grad_out.astype(jnp.float32))
-    reference = _scatter_add_ref(grad_f32, np.asarray(ids), vocab_size)
+    reference = grid.grad_in_token_order(grad_f32, np.asarray(ids), vocab_size)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(out, np.float32), reference, rtol=tol, atol=tol)
     np.testing.assert_allclose(

@@ -92,7 +92,9 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     assert re.search(r"- Versions: jax \d", summary)
 
     tests = re.search(
-        r"- Tests \(`python -m pytest tests( examples)? -m \"gpu\"`\): \*\*PASS\*\*, (.*)", summary
+        r"- Tests \(`python -m pytest tests( examples)? -m \"gpu or backends\"`\): "
+        r"\*\*PASS\*\*, (.*)",
+        summary,
     )
     assert tests, summary
     passed, failed, skipped = map(int, re.findall(r"(\d+) \w+", tests.group(2))[:3])
@@ -300,6 +302,7 @@ def test_wheels_checks_requirements_against_the_machine(tmp_path):
 _GPU_TESTS = "import pytest\n\npytestmark = pytest.mark.gpu\n\n" + "".join(
     f"\ndef {name}():\n    pass\n"
     for name in (
+        "test_forward_is_the_reference_bit_for_bit",
         "test_forward_is_bit_identical_to_xla",
         "test_gradient_matches_float32_reference",
         "test_layer_under_nnx_jit",
@@ -341,7 +344,8 @@ def test_gpu_form_of_tests_and_sanitizer(tmp_path, errors, code):
     proc = _run_env(env, "--out", out, "--repo", repo, "--steps", "tests,sanitizer,summary")
     assert proc.returncode == code, _output(proc)
     summary = (out / "summary.md").read_text()
-    assert '- Tests (`python -m pytest tests -m "gpu or large"`): **PASS**, 5 passed' in summary
+    markexpr = gpu_selection.GPU_MARKEXPR
+    assert f'- Tests (`python -m pytest tests -m "{markexpr}"`): **PASS**, 6 passed' in summary
     assert "nnx.jit (1 of 1 passed)" in summary
     assert "--report-api-errors no" in summary  # Offered by this compute-sanitizer.
     result = "PASS" if errors == 0 else "FAIL"

@@ -16,8 +16,9 @@ unused goes to the next one); ``--budget`` (default 450 s) is shared out among t
                 temporary directory, put on PYTHONPATH for the child processes only: the
                 machine's own packages are never touched, and a wheel that would replace
                 jax, jaxlib, triton, numpy or flax fails the step;
-  3. tests      ``python -m pytest tests examples -m "gpu or large"``: every gpu-marked
-                test (every backend bit-identical to xla, gradients, nnx.jit, the
+  3. tests      ``python -m pytest tests examples -m "gpu or backends or large"``: the
+                backend tests compiled and every gpu-marked test (every backend
+                bit-identical to xla, gradients, nnx.jit, the
                 out-of-range modes, a table past 2**31 elements), with a summary line;
   4. sanitizer  the out-of-range and large-table tests under
                 ``compute-sanitizer --tool memcheck``, with its error count;

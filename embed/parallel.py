@@ -1,4 +1,5 @@
-"""Sharded lookups on a JAX mesh: the same kernels, one call per shard, inside ``shard_map``.
+"""The layer on a JAX mesh: sharded lookups (the same kernels, one call per shard, inside
+``shard_map``) and the vocab-parallel tied loss.
 
 Three layouts, the ones Megatron-style training uses:
 
@@ -18,7 +19,7 @@ and ``"model"``, which is data-plus-tensor parallelism on a 2-D mesh.
 
 Id semantics are those of ``embed.lookup`` for every layout, because they are settled
 once, on the global ids, before anything is split: ``embed.ids`` validates the ids and
-raises for ``mode="error"``; ``kernels.reference.wrap_and_clamp`` wraps negative ids
+raises for ``mode="error"``; ``kernels.contract.wrap_and_clamp`` wraps negative ids
 once and clamps, so the row read for an out-of-range id (row 0 or ``V - 1``) is owned by
 exactly one shard; ``in_vocab`` marks the ids that receive gradient; and
 ``embed.ids.lookup_with_policy`` applies the mode around the sharded gather, as it
@@ -53,9 +54,9 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from embed import dispatch
+from embed import dispatch, loss
 from embed import ids as ids_lib
-from kernels.reference import in_vocab, wrap_and_clamp
+from kernels.contract import in_vocab, wrap_and_clamp
 
 LAYOUTS = ("vocab", "model", "data")
 
@@ -287,7 +288,7 @@ def sharded_lookup(
     Example:
 
     >>> import jax, jax.numpy as jnp
-    >>> from embed.sharding import sharded_lookup
+    >>> from embed.parallel import sharded_lookup
     >>> mesh = jax.make_mesh((1,), ("tp",))
     >>> table = jnp.arange(12.0).reshape(6, 2)
     >>> sharded_lookup(table, jnp.array([[0, 5, -1]]), mesh=mesh, layout="vocab",
@@ -389,7 +390,7 @@ def apply_sharded(
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> from embed import MyEmbed
-    >>> from embed.sharding import apply_sharded
+    >>> from embed.parallel import apply_sharded
     >>> mesh = jax.make_mesh((1,), ("tp",))
     >>> layer = MyEmbed(10, 4, nnx.Rngs(0))
     >>> apply_sharded(layer, jnp.array([[1, 2]]), mesh=mesh, layout="model",
@@ -397,7 +398,7 @@ def apply_sharded(
     (1, 2, 4)
     """
     rows = sharded_lookup(
-        module._promoted(module.embedding[...]),
+        module.lookup_table(),
         token_ids,
         mesh=mesh,
         layout=layout,
@@ -410,4 +411,60 @@ def apply_sharded(
         fill_value=module.fill_value,
         deterministic=module.deterministic,
     )
-    return module._finish(rows)  # The layer's own output dtype and scaling.
+    return module.finish(rows)  # The layer's own output dtype and scaling.
+
+
+# --- The tied loss on a mesh -----------------------------------------------------------
+
+
+def vocab_parallel_attend_cross_entropy(
+    table: jax.Array,  # [vocab_size, d_model], its rows split over axis_name
+    hidden: jax.Array,  # [..., d_model], replicated over axis_name
+    targets: jax.Array,  # [...] integer, replicated over axis_name
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str,
+    where: jax.Array | None = None,
+    **kwargs,
+) -> jax.Array:
+    """``embed.attend_cross_entropy`` with the table's rows split over ``axis_name``.
+
+    Megatron's vocab-parallel cross-entropy, the partner of the ``"vocab"`` layout. Each
+    shard runs ``embed.loss.attend_cross_entropy`` on its own rows (its ``axis_name``
+    argument); per token chunk, a ``pmax`` and two ``psum`` of ``[chunk]`` combine the
+    shards' log-sum-exps and target logits, so no shard sees another's logits. The table
+    gradient stays on its shard; the hidden gradient is one ``psum`` of
+    ``[tokens, d_model]``. docs/scaling.md works out the communication.
+
+    Args:
+      table: the whole table, placed or not; ``shard_map`` splits its rows.
+      hidden, targets, where: as ``attend_cross_entropy``'s, replicated.
+      mesh: the mesh.
+      axis_name: the mesh axis the rows are split over; ``vocab_size`` must be a
+        multiple of its size.
+      **kwargs: ``attend_cross_entropy``'s other keywords (``reduction``, block sizes,
+        which apply per shard, ``logit_soft_cap``, ``z_loss``, ``dtype``).
+
+    Returns:
+      The float32 loss, replicated.
+    """
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"{axis_name=} must be an axis of the mesh {mesh.axis_names}")
+    table = jnp.asarray(table)
+    num_shards = mesh.shape[axis_name]
+    if table.ndim != 2:
+        raise ValueError(f"{table.shape=} must be [vocab_size, d_model]")
+    if table.shape[0] % num_shards:
+        raise ValueError(
+            f"vocab_size={table.shape[0]} must be a multiple of the {num_shards} shards of "
+            f"{axis_name=}: pad the vocabulary (e.g. GPT-2's 50257 to 50304)"
+        )
+    operands = (table, hidden, targets) + (() if where is None else (where,))
+
+    def shard(table, hidden, targets, where=None):
+        return loss.attend_cross_entropy(
+            table, hidden, targets, where=where, axis_name=axis_name, **kwargs
+        )
+
+    in_specs = (P(axis_name, None),) + (P(),) * (len(operands) - 1)
+    return jax.shard_map(shard, mesh=mesh, in_specs=in_specs, out_specs=P())(*operands)

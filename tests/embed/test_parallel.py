@@ -24,8 +24,9 @@ from jax.experimental import checkify
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from embed import Embed, MyEmbed, lookup, sharding
-from embed.loss import attend_cross_entropy, vocab_parallel_attend_cross_entropy
+from embed import Embed, MyEmbed, lookup, parallel
+from embed.loss import attend_cross_entropy
+from embed.parallel import vocab_parallel_attend_cross_entropy
 from kernels.reference import attend_cross_entropy_reference, gather_grad_reference
 from tests import grid
 
@@ -40,8 +41,8 @@ needs_devices = pytest.mark.skipif(
     "test_eight_device_suite_in_a_subprocess runs these checks instead",
 )
 
-LAYOUTS = sharding.LAYOUTS
-BACKENDS = ["xla", "pallas", "auto"]
+LAYOUTS = parallel.LAYOUTS
+BACKENDS = grid.CPU_BACKENDS
 # Grid cases at its odd token count (x 8 rows of ids): V = 1 and 7, the narrowest and an
 # odd row, each dtype, and the GPT-2 vocabulary (50257 rows, not a multiple of 8, so
 # the table is padded). The kernels' own tests cover the rest of the grid; here each
@@ -109,7 +110,7 @@ def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
     mesh = _mesh()
 
     def sharded(t):
-        return sharding.sharded_lookup(
+        return parallel.sharded_lookup(
             t, ids, mesh=mesh, layout=layout, axis_name="x", backend=backend
         )
 
@@ -120,7 +121,7 @@ def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
 
 @needs_devices
 @pytest.mark.parametrize("mode", ["clip", "fill"])
-@pytest.mark.parametrize("backend", ["xla", "pallas"])  # "auto" is "xla" on CPU.
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_modes_match_unsharded_with_edge_ids(layout, backend, mode):
     vocab_size, d_model = 7, 5
@@ -132,7 +133,7 @@ def test_modes_match_unsharded_with_edge_ids(layout, backend, mode):
     mesh = _mesh()
 
     def sharded(t):
-        return sharding.sharded_lookup(t, ids, mesh=mesh, layout=layout, axis_name="x", **kwargs)
+        return parallel.sharded_lookup(t, ids, mesh=mesh, layout=layout, axis_name="x", **kwargs)
 
     out, grad = _vjp(sharded, table, grad_out)
     grid.assert_bits_equal(out, expected)
@@ -151,7 +152,7 @@ def test_error_mode_raises_eagerly_and_under_checkify(layout):
     table = grid.make_table(7, 3, jnp.float32)
     mesh = _mesh()
     lookup_ = jax.tree_util.Partial(
-        sharding.sharded_lookup, mesh=mesh, layout=layout, axis_name="x", mode="error"
+        parallel.sharded_lookup, mesh=mesh, layout=layout, axis_name="x", mode="error"
     )
     good = jnp.asarray(np.tile([0, 6, -7, -1], (NUM_DEVICES, 1)))
     grid.assert_bits_equal(lookup_(table, good), lookup(table, good))
@@ -176,7 +177,7 @@ def test_reduce_scatter_leaves_tokens_split_and_matches(backend):
     expected, expected_grad = _vjp(lambda t: lookup(t, ids, backend=backend), table, grad_out)
 
     def sharded(t, scatter):
-        return sharding.sharded_lookup(
+        return parallel.sharded_lookup(
             t, ids, mesh=mesh, layout="vocab", axis_name="x", backend=backend,
             reduce_scatter=scatter,
         )  # fmt: skip
@@ -200,7 +201,7 @@ def test_data_plus_tensor_parallel_on_a_2d_mesh(layout):
     mesh = _mesh((2, 4), ("dp", "tp"))
 
     def sharded(t):
-        return sharding.sharded_lookup(
+        return parallel.sharded_lookup(
             t, ids, mesh=mesh, layout=layout, axis_name="tp", batch_axis="dp",
             reduce_scatter=layout == "vocab", gather_output=False,
         )  # fmt: skip
@@ -217,10 +218,10 @@ def test_model_layout_can_leave_columns_split():
     ids = jnp.asarray(grid.make_ids(9, 8))
     mesh = _mesh()
     fn = jax.jit(
-        lambda t: sharding._sharded_rows(
+        lambda t: parallel._sharded_rows(
             t,
             ids,
-            plan=sharding._Plan(mesh, "model", "x", (), "xla", False, False, False),
+            plan=parallel._Plan(mesh, "model", "x", (), "xla", False, False, False),
         )
     )
     out = fn(table)
@@ -236,11 +237,11 @@ def test_explicit_mesh_under_set_mesh(layout):
     mesh = _mesh(axis_type=AxisType.Explicit)
     if layout != "data":
         with jax.set_mesh(mesh), pytest.raises(ValueError, match="must be a multiple of 8"):
-            sharding.sharded_lookup(table[:15, :7], ids, mesh=mesh, layout=layout, axis_name="x")
+            parallel.sharded_lookup(table[:15, :7], ids, mesh=mesh, layout=layout, axis_name="x")
     with jax.set_mesh(mesh):
         fn = jax.jit(
             jax.value_and_grad(
-                lambda t: sharding.sharded_lookup(
+                lambda t: parallel.sharded_lookup(
                     t, ids, mesh=mesh, layout=layout, axis_name="x"
                 ).sum()
             )
@@ -258,9 +259,9 @@ def test_explicit_mesh_under_set_mesh(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layer_table_carries_logical_axes_and_shards_under_nnx_jit(layout):
     mesh = _mesh()
-    rules = sharding.logical_axis_rules(layout, "x")
+    rules = parallel.logical_axis_rules(layout, "x")
     layer = MyEmbed(16, 8, nnx.Rngs(0))
-    assert layer.embedding.get_metadata()["out_sharding"] == sharding.LOGICAL_AXES
+    assert layer.embedding.get_metadata()["out_sharding"] == parallel.LOGICAL_AXES
     with nnx.logical_axis_rules(rules):
         spec = nnx.get_partition_spec(nnx.state(layer))["embedding"].get_value()
     assert spec == {"vocab": P("x", None), "model": P(None, "x"), "data": P(None, None)}[layout]
@@ -294,8 +295,8 @@ def test_layer_axes_can_be_overridden_or_dropped():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_shard_module_places_the_table(layout):
     mesh = _mesh()
-    layer = sharding.shard_module(
-        MyEmbed(16, 8, nnx.Rngs(0)), mesh, sharding.logical_axis_rules(layout, "x")
+    layer = parallel.shard_module(
+        MyEmbed(16, 8, nnx.Rngs(0)), mesh, parallel.logical_axis_rules(layout, "x")
     )
     expected = {"vocab": P("x", None), "model": P(None, "x"), "data": P(None, None)}[layout]
     assert layer.embedding[...].sharding.is_equivalent_to(NamedSharding(mesh, expected), 2)
@@ -401,10 +402,10 @@ def _train(layout, backend, steps=3):
     mesh = _mesh()
     model = _TinyModel(64, 16, nnx.Rngs(0), backend=backend)
     if layout is not None:
-        sharding.shard_module(model, mesh, sharding.logical_axis_rules(layout, "x"))
+        parallel.shard_module(model, mesh, parallel.logical_axis_rules(layout, "x"))
 
         def embed_fn(m, ids):
-            return sharding.apply_sharded(m, ids, mesh=mesh, layout=layout, axis_name="x")
+            return parallel.apply_sharded(m, ids, mesh=mesh, layout=layout, axis_name="x")
     else:
 
         def embed_fn(m, ids):
@@ -449,15 +450,15 @@ def test_jitted_training_step_runs_sharded(layout, backend):
 def test_bad_arguments_are_rejected():
     table, ids, mesh = jnp.zeros((4, 2)), jnp.zeros((8,), jnp.int32), _mesh()
     with pytest.raises(ValueError, match=r"layout='rows' must be one of \('vocab'"):
-        sharding.sharded_lookup(table, ids, mesh=mesh, layout="rows", axis_name="x")
+        parallel.sharded_lookup(table, ids, mesh=mesh, layout="rows", axis_name="x")
     with pytest.raises(ValueError, match=r"axis_name='tp' must be an axis of the mesh"):
-        sharding.sharded_lookup(table, ids, mesh=mesh, layout="vocab", axis_name="tp")
+        parallel.sharded_lookup(table, ids, mesh=mesh, layout="vocab", axis_name="tp")
     with pytest.raises(ValueError, match=r"reduce_scatter=True needs layout='vocab'"):
-        sharding.sharded_lookup(
+        parallel.sharded_lookup(
             table, ids, mesh=mesh, layout="data", axis_name="x", reduce_scatter=True
         )
     with pytest.raises(ValueError, match=r"batch_axis='x' must be None for layout='data'"):
-        sharding.sharded_lookup(table, ids, mesh=mesh, layout="data", axis_name="x", batch_axis="x")
+        parallel.sharded_lookup(table, ids, mesh=mesh, layout="data", axis_name="x", batch_axis="x")
 
 
 # --- The tied loss under the data-parallel layout ---------------------------------------

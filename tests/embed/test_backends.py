@@ -1,4 +1,11 @@
-"""On a CUDA GPU: every compiled backend against "xla", bit for bit, and its gradient."""
+"""Every backend through ``embed.lookup`` against "xla", bit for bit, and its gradient.
+
+One body per check, run on every machine: compiled on a CUDA machine (``triton``
+included), interpreted on a CPU where the backend has an interpreter (``pallas``,
+``mosaic``), skipped with the reason where it cannot run (``tests/grid.py``'s
+``BACKENDS``). The collected ids are the same everywhere, so the GPU run checks exactly
+what the CPU run checks. Sizes are kept small enough for the interpreters.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,27 +15,32 @@ from flax import nnx
 from jax.experimental import checkify
 
 import embed
-from kernels import compat, reference
+from kernels import reference
 from tests import grid
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.backends
 
-_MOSAIC_PROBLEM = compat.mosaic_gpu_problem()
-KERNEL_BACKENDS = [
-    "pallas",
-    "triton",
-    # On a GPU this is the only run of the atomic backward's TMA reduce-add: the
-    # interpreter has no atomics (tests/kernels/test_mosaic_gather.py).
-    pytest.param(
-        "mosaic",
-        marks=pytest.mark.skipif(_MOSAIC_PROBLEM is not None, reason=str(_MOSAIC_PROBLEM)),
-    ),
-    "auto",
-]
+# Sizes from the grid, small enough for the Mosaic GPU interpreter on a CPU: an odd
+# d_model and token count (partial blocks), and the GPT-2 vocabulary for the layer.
+D_MODEL, NUM_TOKENS = grid.D_MODELS[3], grid.NUM_TOKENS[3]
+BIG_VOCAB, BIG_D_MODEL = grid.VOCAB_SIZES[-1], grid.D_MODELS[-1]
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("case", grid.GATHER_CASES, ids=grid.case_id)
+def _forward_params():
+    """Each backend with every GATHER_CASES case, or their cover where its interpreter
+    is slow (the same cases on every machine, so the ids do not depend on it)."""
+    params = []
+    for backend in grid.BACKENDS:
+        (name,) = backend.values
+        cases = grid.COVER_CASES if name in grid.SLOW_INTERPRETERS else grid.GATHER_CASES
+        params += [
+            pytest.param(name, case, marks=backend.marks, id=f"{name}-{grid.case_id(case)}")
+            for case in cases
+        ]
+    return params
+
+
+@pytest.mark.parametrize(("backend", "case"), _forward_params())
 def test_forward_is_bit_identical_to_xla(backend, case):
     dtype, vocab_size, d_model, num_tokens = case
     table = grid.make_table(vocab_size, d_model, dtype)
@@ -37,25 +49,29 @@ def test_forward_is_bit_identical_to_xla(backend, case):
     grid.assert_bits_equal(out, embed.lookup(table, ids, backend="xla"))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
-def test_gradient_matches_float32_reference(backend, dtype):
-    vocab_size, d_model, num_tokens = 97, 129, 1000
+@pytest.mark.parametrize(("backend", "case"), _forward_params())
+def test_gradient_matches_float32_reference(backend, case):
+    """The table gradient over the same cases as the forward, against NumPy's float32
+    sum in token order, rounded once to the table's dtype."""
+    dtype, vocab_size, d_model, num_tokens = case
     ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
     table = grid.make_table(vocab_size, d_model, dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
-    grad = jax.grad(lambda t: jnp.vdot(embed.lookup(t, ids, backend=backend), cotangent))(table)
-    expected = reference.gather_grad_reference(cotangent, ids, vocab_size).astype(dtype)
+    cotangent = grid.make_table(num_tokens, d_model, dtype, seed=1)
+    lookup = jax.jit(jax.grad(lambda t: jnp.vdot(embed.lookup(t, ids, backend=backend), cotangent)))
+    expected = grid.grad_in_token_order(cotangent, ids, vocab_size).astype(dtype)
     rtol = 1e-5 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(
-        np.asarray(grad, np.float32), np.asarray(expected, np.float32), rtol=rtol, atol=1e-4
+        np.asarray(lookup(table), np.float32),
+        np.asarray(expected, np.float32),
+        rtol=rtol,
+        atol=1e-4,
     )
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", grid.BACKENDS)
 def test_layer_under_nnx_jit(backend):
-    layer = embed.MyEmbed(50257, 768, nnx.Rngs(0), backend=backend)
-    ids = jnp.asarray(grid.make_ids(50257, 2048).reshape(2, 1024))
+    layer = embed.MyEmbed(BIG_VOCAB, BIG_D_MODEL, nnx.Rngs(0), backend=backend)
+    ids = jnp.asarray(grid.make_ids(BIG_VOCAB, 2 * NUM_TOKENS).reshape(2, NUM_TOKENS))
     out = nnx.jit(lambda m, x: m(x))(layer, ids)
     grid.assert_bits_equal(out, layer.embedding[...][ids])
 
@@ -77,21 +93,21 @@ def _expected_rows(table, ids, mode):
 
 
 @pytest.mark.parametrize("mode", ["clip", "fill"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", grid.BACKENDS)
 @pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_out_of_range_modes_are_bit_identical_to_xla(backend, mode, dtype):
-    vocab_size, d_model = 1000, 129
+    vocab_size, d_model = 1000, D_MODEL
     table = grid.make_table(vocab_size, d_model, dtype)
-    ids = grid.make_ids(vocab_size, 4096)  # The edges, then half of them out of range.
+    ids = grid.make_ids(vocab_size, NUM_TOKENS)  # The edges, then half of them out of range.
     out = jax.jit(lambda t, i: embed.lookup(t, i, backend=backend, mode=mode))(table, ids)
     grid.assert_bits_equal(out, embed.lookup(table, ids, backend="xla", mode=mode))
     grid.assert_bits_equal(out, _expected_rows(table, ids, mode))
 
 
 @pytest.mark.parametrize("mode", ["clip", "fill"])
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", grid.BACKENDS)
 def test_out_of_range_ids_get_no_gradient(backend, mode):
-    vocab_size, d_model, num_tokens = 97, 64, 4096
+    vocab_size, d_model, num_tokens = 97, 64, NUM_TOKENS
     table = grid.make_table(vocab_size, d_model, jnp.float32)
     ids = grid.make_ids(vocab_size, num_tokens)
     cotangent = np.asarray(jax.random.normal(jax.random.key(2), (num_tokens, d_model)))
@@ -105,7 +121,7 @@ def test_out_of_range_ids_get_no_gradient(backend, mode):
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", grid.BACKENDS)
 def test_out_of_range_error_mode_raises_eagerly_and_under_jit(backend):
     vocab_size = 1000
     table = grid.make_table(vocab_size, 64, jnp.float32)
@@ -127,12 +143,15 @@ def test_out_of_range_error_mode_raises_eagerly_and_under_jit(backend):
     assert f"token id {vocab_size + 3} at flat position 2" in err.get()
 
 
-@pytest.mark.skipif(_MOSAIC_PROBLEM is not None, reason=str(_MOSAIC_PROBLEM))
+@pytest.mark.skipif(
+    grid.backend_problem("mosaic") is not None, reason=str(grid.backend_problem("mosaic"))
+)
 @pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_mosaic_deterministic_gradient_is_reproducible(dtype):
-    vocab_size, d_model, num_tokens = 97, 129, 1000
+    vocab_size, d_model, num_tokens = 97, D_MODEL, NUM_TOKENS
     # Half the tokens on one row (many additions per row), half over the edge ids.
-    ids = np.concatenate([np.full(num_tokens // 2, 5), grid.make_ids(vocab_size, num_tokens // 2)])
+    half = num_tokens // 2
+    ids = np.concatenate([np.full(half, 5), grid.make_ids(vocab_size, num_tokens - half)])
     ids = jnp.asarray(ids, jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
     cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)

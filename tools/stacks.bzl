@@ -1,0 +1,54 @@
+"""The JAX stacks this repository supports: the one list the rest of the build reads.
+
+Each stack is a CPython and a hash-pinned lock, built into a venv repository by
+tools/python_venv.bzl. WORKSPACE builds them all (`stack_venvs()`), tools/pytest.bzl
+makes a test target per stack (`<name>_<stack>`, tagged `stack_<stack>`), tools/BUILD a
+benchmark per stack, and .ci/run counts results per stack (it reads `STACKS` below as
+a Python literal, so keep it one). README's "Supported stacks" table is checked against
+it by //tests/tools:test_stacks.
+
+Adding a stack: a lock, an entry here, a row in README's table.
+"""
+
+load(":python_venv.bzl", "python_venv")
+
+STACKS = {
+    # jax 0.10.2, the newest JAX for CPython 3.11, and torch for Triton's CPU interpreter.
+    "min": {"python": "3.11", "lock": "requirements_lock.txt", "repo": "py_venv"},
+    # What the CUDA machines carry: jax 0.11.2, triton 3.6.0, the CUDA 13 plugin.
+    "gpu_image": {"python": "3.12", "lock": "requirements_gpu_image_lock.txt", "repo": "py_gpu_image"},
+    # The newest JAX we support: jax 0.12.0.1, triton 3.9.0, jax-triton 0.4.1.
+    "newest": {"python": "3.12", "lock": "requirements_newest_lock.txt", "repo": "py_newest"},
+}
+
+# The stack whose venv is the registered Python toolchain: py_binary targets and the
+# lint test run on it.
+TOOLCHAIN_STACK = "min"
+
+# Where a test runs whose subject no JAX release changes (our own Python, NumPy, plain
+# jnp): one stack, the one the CUDA machines carry.
+ONE_STACK = ["gpu_image"]
+
+# Where a version-sensitive test runs: every stack.
+ALL_STACKS = list(STACKS)
+
+# The stacks whose JAX has Mosaic GPU (JAX >= 0.11).
+MOSAIC_STACKS = ["gpu_image", "newest"]
+
+# The stacks whose locks carry XLA's CUDA compiler (the jax-cuda13 plugin and pjrt): the
+# compile gate and the SASS report run there, with no GPU.
+CUDA_COMPILER_STACKS = ["gpu_image", "newest"]
+
+# One stack per distinct triton and jax-triton pair (gpu_image has min's), min first:
+# only its torch runs Triton's CPU interpreter.
+TRITON_STACKS = ["min", "newest"]
+
+def stack_repo(stack):
+    """`@<repo>`: the venv repository of `stack`."""
+    return "@" + STACKS[stack]["repo"]
+
+def stack_venvs():
+    """WORKSPACE: a venv repository per stack, and the toolchain stack's Python registered."""
+    for stack in STACKS.values():
+        python_venv(name = stack["repo"], lock = "//:" + stack["lock"], python_version = stack["python"])
+    native.register_toolchains(stack_repo(TOOLCHAIN_STACK) + "//:python_toolchain")
