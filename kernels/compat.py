@@ -152,21 +152,22 @@ def pallas_triton_deprecation_accelerated():
 def import_jax_triton():
     """``jax_triton``, or a ``RuntimeError`` that says what is missing.
 
-    jax_triton sets ``TRITON_CACHE_DIR=""`` while importing, before it checks for a CUDA
-    jaxlib; a failed import must not leave Triton without a cache for everyone else.
+    jax_triton sets ``TRITON_CACHE_DIR=""`` while importing (before it checks for a CUDA
+    jaxlib): whether the import fails or not, Triton's cache is put back as it was.
     """
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
     try:
         import jax_triton
     except ImportError as e:
-        if cache_dir is None:
-            os.environ.pop("TRITON_CACHE_DIR", None)
-        else:
-            os.environ["TRITON_CACHE_DIR"] = cache_dir
         raise RuntimeError(
             'The "triton" backend needs a CUDA GPU with jax-triton and a CUDA jaxlib; '
             f"importing jax_triton failed: {e!r}"
         ) from e
+    finally:
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
     return jax_triton
 
 
