@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from kernels.contract import in_vocab
+from kernels.contract import gradient_rows, in_vocab
 
 MODES = ("clip", "fill", "error")
 
@@ -215,12 +215,12 @@ def saturate(ids: jax.Array) -> jax.Array:
 def loss_targets(targets: jax.Array, vocab_size: int) -> jax.Array:
     """Next-token targets of the tied loss as int32 rows of the table (traceable).
 
-    Saturated to int32 as token ids are, then a negative target indexes from the end
-    once, as optax's ``take_along_axis`` does; a target outside ``[-V, V)`` stays outside
-    ``[0, V)``, where the loss gives NaN (``embed.loss``).
+    Saturated to int32 as token ids are, then the row an id's gradient goes to: a
+    negative target indexes from the end once, as optax's ``take_along_axis`` does, and
+    a target outside ``[-V, V)`` becomes ``V``, past the table, where the loss gives NaN
+    (``embed.loss``).
     """
-    targets = saturate(targets)
-    return jnp.where(targets < 0, targets + vocab_size, targets)
+    return gradient_rows(saturate(targets), vocab_size)
 
 
 def host_int32(ids):
@@ -257,9 +257,7 @@ def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
         return
     if _is_concrete(ids):
         values = np.asarray(ids)
-        if not values.size or (values.min() >= -vocab_size and values.max() < vocab_size):
-            return  # The common case, in two reductions.
-        bad = (values < -vocab_size) | (values >= vocab_size)
+        bad = ~in_vocab(values, vocab_size)  # The kernels' rule, run by NumPy.
         if bad.any():
             position = tuple(map(int, np.unravel_index(np.argmax(bad), values.shape)))
             raise error(values[position], position)

@@ -26,9 +26,10 @@ and what it needs from the installed stack (a ``kernels.compat`` probe). The mod
 imported only when the backend is used, so a JAX without Pallas on Triton or Mosaic GPU,
 or a machine without triton or jax-triton, still imports ``embed``.
 
-The in-kernel forms of what a token id means (``wrap_and_clamp``, ``in_vocab``) are here
-too, for the kernels' bodies; ``embed.ids`` is where the semantics are defined, and
-``tests/kernels/test_contract.py`` checks these forms (and Triton's twin) against it.
+What a token id means (``wrap_and_clamp``, ``in_vocab``: which row an id reads, and
+which ids receive gradient) is written once, here, below every layer that needs it: the
+kernels' bodies (Triton's through ``id_rule``), ``embed.ids``'s host checks and modes,
+and the loss's targets. ``tests/kernels/test_contract.py`` runs every form of it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import types
 from collections.abc import Callable
 from types import ModuleType
 
@@ -55,7 +57,12 @@ def check_dtype(name: str, dtype) -> jnp.dtype:
 
 
 # ----------------------------------------------------------------------------------------
-# Ids inside a kernel: "clip" semantics (embed.ids defines them).
+# What a token id means: the row rule, written once. Each rule uses only operators and
+# the array namespace ``xp`` (jax.numpy here); ``id_rule`` rebinds the same code to
+# NumPy (host checks) or to ``triton.language`` (the Triton kernels), so every layer and
+# every kernel runs this one source. ``embed.ids`` applies it: modes, errors, validation.
+
+xp = jnp
 
 
 def wrap_and_clamp(ids: jax.Array, vocab_size: int) -> jax.Array:
@@ -63,13 +70,23 @@ def wrap_and_clamp(ids: jax.Array, vocab_size: int) -> jax.Array:
 
     Kernels call this inside their bodies, so no program can address outside the table.
     """
-    ids = jnp.where(ids < 0, ids + vocab_size, ids)
-    return jnp.clip(ids, 0, vocab_size - 1)
+    rows = xp.where(ids < 0, ids + vocab_size, ids)
+    return xp.minimum(xp.maximum(rows, 0), vocab_size - 1)
 
 
 def in_vocab(ids: jax.Array, vocab_size: int) -> jax.Array:
     """True where an id is in ``[-vocab_size, vocab_size)``: ids that receive gradient."""
     return (ids >= -vocab_size) & (ids < vocab_size)
+
+
+def id_rule(rule: Callable, namespace: ModuleType) -> Callable:
+    """``rule`` (``wrap_and_clamp`` or ``in_vocab``) with ``xp`` bound to ``namespace``.
+
+    The same code object, so ``triton.jit(id_rule(wrap_and_clamp, triton.language))``
+    compiles (and Triton's interpreter runs) exactly the source above.
+    """
+    scope = dict(rule.__globals__, xp=namespace)
+    return types.FunctionType(rule.__code__, scope, rule.__name__, rule.__defaults__)
 
 
 def gradient_rows(ids: jax.Array, vocab_size: int) -> jax.Array:

@@ -63,15 +63,9 @@ _TRITON_DTYPE_NAMES = {
 }
 
 
-@triton.jit
-def _wrap_and_clamp(ids, vocab_size):
-    """Rows read for ``ids`` ("clip"): wrap a negative id once, then clamp into the table.
-
-    The Triton twin of ``kernels.contract.wrap_and_clamp``: no program addresses
-    outside the table, whatever ids it is handed.
-    """
-    rows = tl.where(ids < 0, ids + vocab_size, ids)
-    return tl.minimum(tl.maximum(rows, 0), vocab_size - 1)
+# What an id means, as Triton code: the rules of kernels/contract.py, the same source.
+_wrap_and_clamp = triton.jit(contract.id_rule(contract.wrap_and_clamp, tl))
+_in_vocab = triton.jit(contract.id_rule(contract.in_vocab, tl))
 
 
 @triton.jit
@@ -127,7 +121,7 @@ def _scatter_add_kernel(
     ids = tl.load(ids_ptr + toks, mask=tok_mask, other=0)
     # Ids in [-V, V) add into row id mod V; the rest contribute nothing (jax.grad of
     # table[ids]). The clamp is defensive: rows of dropped ids are masked off anyway.
-    in_vocab = tok_mask & (ids >= -vocab_size) & (ids < vocab_size)
+    in_vocab = tok_mask & _in_vocab(ids, vocab_size)
     rows = _wrap_and_clamp(ids, vocab_size)
 
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)

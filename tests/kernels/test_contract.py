@@ -171,18 +171,24 @@ def test_tuning_is_one_frozen_hashable_config(name):
             setattr(config, field.name, None)
 
 
-def test_in_kernel_id_forms_agree_with_the_layer_semantics():
-    """``contract``'s forms read and drop what ``embed.ids`` and JAX's indexing say."""
+def test_the_id_rule_is_jax_indexing_in_every_form():
+    """What an id means (``contract``'s rule) is JAX's own indexing: the row ``table[ids]``
+    reads and the ids ``jax.grad`` of it gives gradient to; its NumPy form is the same
+    code, and ``embed.ids``'s modes apply it (the Triton form runs in test_triton_gather)."""
+    as_numpy = contract.id_rule(contract.wrap_and_clamp, np)
     for vocab_size in grid.VOCAB_SIZES:
         ids = jnp.asarray(grid.edge_ids_as(vocab_size, np.int32))
         table = jnp.arange(vocab_size, dtype=jnp.float32)[:, None]
-        # Rows read: the layer's "clip" lookup (JAX's own indexing) reads the same rows.
-        rows = ids_lib.lookup_with_policy(table, ids, lambda t, i: t[i], mode="clip", fill_value=0)
-        np.testing.assert_array_equal(contract.wrap_and_clamp(ids, vocab_size), rows[:, 0])
-        # Ids that receive gradient: those "fill" keeps and "error" accepts.
+        rows = table[ids][:, 0].astype(np.int32)
+        np.testing.assert_array_equal(contract.wrap_and_clamp(ids, vocab_size), rows)
+        np.testing.assert_array_equal(as_numpy(np.asarray(ids), vocab_size), rows)
+        graded = jax.vmap(lambda i, t=table: jax.grad(lambda t: t[i[None]].sum())(t).sum())(ids)
+        np.testing.assert_array_equal(contract.in_vocab(ids, vocab_size), graded != 0)
+        np.testing.assert_array_equal(contract.in_vocab(np.asarray(ids), vocab_size), graded != 0)
+        live = np.asarray(contract.gradient_rows(ids, vocab_size)) < vocab_size
+        np.testing.assert_array_equal(live, graded != 0)
+        # The layer's modes, around JAX's indexing: "fill" keeps exactly the ids in vocab.
         filled = ids_lib.lookup_with_policy(
             table, ids, lambda t, i: t[i], mode="fill", fill_value=-1
         )
-        np.testing.assert_array_equal(contract.in_vocab(ids, vocab_size), filled[:, 0] != -1)
-        live = np.asarray(contract.gradient_rows(ids, vocab_size)) < vocab_size
-        np.testing.assert_array_equal(live, filled[:, 0] != -1)
+        np.testing.assert_array_equal(filled[:, 0] != -1, graded != 0)
