@@ -4,21 +4,33 @@ Each stack is a CPython and a hash-pinned lock, built into a venv repository by
 tools/python_venv.bzl. WORKSPACE builds them all (`stack_venvs()`), tools/pytest.bzl
 makes a test target per stack (`<name>_<stack>`, tagged `stack_<stack>`), tools/BUILD a
 benchmark per stack, and .ci/run counts results per stack (it reads `STACKS` below as
-a Python literal, so keep it one). README's "Supported stacks" table is checked against
-it by //tests/tools:test_stacks.
+a Python literal, so keep it one), and tools/stacks.py prints it as a table with what
+each lock pins (README, "Supported stacks").
 
-Adding a stack: a lock, an entry here, a row in README's table.
+Adding a stack: its lock, and an entry here (and in the lists below that it belongs to).
 """
 
 load(":python_venv.bzl", "python_venv")
 
 STACKS = {
-    # jax 0.10.2, the newest JAX for CPython 3.11, and torch for Triton's CPU interpreter.
-    "min": {"python": "3.11", "lock": "requirements_lock.txt", "repo": "py_venv"},
-    # What the CUDA machines carry: jax 0.11.2, triton 3.6.0, the CUDA 13 plugin.
-    "gpu_image": {"python": "3.12", "lock": "requirements_gpu_image_lock.txt", "repo": "py_gpu_image"},
-    # The newest JAX we support: jax 0.12.0.1, triton 3.9.0, jax-triton 0.4.1.
-    "newest": {"python": "3.12", "lock": "requirements_newest_lock.txt", "repo": "py_newest"},
+    "min": {
+        "python": "3.11",
+        "lock": "requirements_lock.txt",
+        "repo": "py_venv",
+        "about": "the oldest JAX we support, the newest for CPython 3.11; torch for Triton's CPU interpreter",
+    },
+    "gpu_image": {
+        "python": "3.12",
+        "lock": "requirements_gpu_image_lock.txt",
+        "repo": "py_gpu_image",
+        "about": "what the CUDA machines carry, with XLA's CUDA compiler plugin",
+    },
+    "newest": {
+        "python": "3.12",
+        "lock": "requirements_newest_lock.txt",
+        "repo": "py_newest",
+        "about": "the newest JAX we support, with XLA's CUDA compiler plugin",
+    },
 }
 
 # The stack whose venv is the registered Python toolchain: py_binary targets and the

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import ast
 import pathlib
 import re
+
+from tools import stacks as stacks_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _stacks() -> dict:
-    tree = ast.parse((ROOT / "tools/stacks.bzl").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and node.targets[0].id == "STACKS":
-            return ast.literal_eval(node.value)
-    raise AssertionError("tools/stacks.bzl has no STACKS literal")
+    return stacks_table.stacks(ROOT)
 
 
 def _pin(lock: str, package: str) -> str:
@@ -23,33 +20,30 @@ def _pin(lock: str, package: str) -> str:
     return match.group(1)
 
 
-def _readme_rows() -> dict[str, list[str]]:
+def test_the_table_is_each_lock_s_pins():
+    """``python3 tools/stacks.py``: a row per stack of stacks.bzl, its versions from its lock."""
+    text = stacks_table.table(ROOT)
+    lines = text.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in lines[2:]}
+    assert sorted(rows) == sorted(_stacks())
+    for name, stack in _stacks().items():
+        cells = dict(zip(head, (c.strip() for c in rows[name].strip("|").split("|")), strict=True))
+        assert cells["CPython"] == stack["python"], name
+        assert cells["lock"] == f"`{stack['lock']}`", name
+        for package in ("jax", "jaxlib", "triton", "jax-triton", "flax"):
+            assert cells[package] == _pin(stack["lock"], package), (name, package)
+
+
+def test_readme_names_no_stack_versions_the_locks_do_not():
+    """README's range is the range of the locks' jax pins (tools/stacks.bzl's ends)."""
     text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Supported stacks") :]
-    section = section[: section.index("\n## ", 1)]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        name = re.match(r"`(\w+)`", cells[0]) if len(cells) > 1 else None
-        if name and re.fullmatch(r"\d+\.\d+", cells[1]):
-            rows[name.group(1)] = cells
-    return rows
-
-
-def test_readme_table_is_the_stacks_of_stacks_bzl():
-    stacks, rows = _stacks(), _readme_rows()
-    assert sorted(rows) == sorted(stacks)
-    for name, stack in stacks.items():
-        python, jax, triton, jax_triton, flax, lock = rows[name][1:7]
-        assert python == stack["python"], name
-        assert lock == f"`{stack['lock']}`", name
-        for package, shown in (
-            ("jax", jax.split(" ")[0]),
-            ("triton", triton),
-            ("jax-triton", jax_triton),
-            ("flax", flax),
-        ):
-            assert _pin(stack["lock"], package) == shown, (name, package)
+    versions = sorted(
+        (_pin(s["lock"], "jax") for s in _stacks().values()),
+        key=lambda v: [int(p) for p in v.split(".")],
+    )
+    low, high = versions[0], ".".join(versions[-1].split(".")[:2]) + ".x"
+    assert f"jax/jaxlib {low} to {high}" in text, (low, high)
 
 
 def test_each_lock_is_for_its_stacks_python():
