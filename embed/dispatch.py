@@ -5,8 +5,8 @@ platform, not from the host's default backend at trace time, so a model traced o
 exported on a CPU host for a GPU carries the real kernel. ``"mosaic"`` is the exception:
 it is chosen when traced (``gather`` says why).
 
-``REGISTRY`` names every backend (``kernels.contract.Backend``); its module is imported
-only when the backend is used.
+``REGISTRY`` (``kernels.contract.REGISTRY``) names every backend; its module is imported
+only when the backend is used. "auto" and the choice of platform live here.
 """
 
 from __future__ import annotations
@@ -20,39 +20,8 @@ import numpy as np
 from embed import ids as ids_lib
 from kernels import compat, contract
 
-# The registry: every backend by name, its module imported only when it is used, so that
-# a JAX without Pallas on Triton or Mosaic GPU, or a machine without triton and
-# jax-triton, still imports ``embed`` (the backend then says what it lacks).
-REGISTRY = {
-    backend.name: backend
-    for backend in (
-        contract.Backend("xla", "kernels.xla"),
-        contract.Backend(
-            "pallas",
-            "kernels.pallas_gather",
-            compiled_on=("cuda", "rocm"),
-            interpreted=True,
-            needs=compat.pallas_triton_problem,
-        ),
-        contract.Backend(
-            "triton",
-            "kernels.triton_gather",
-            compiled_on=("cuda",),
-            needs=compat.triton_call_problem,
-        ),
-        # Chosen when traced: platform_dependent cannot lower the kernel for cuda beside
-        # the interpreter (compat.tracing_for_gpu says why). To lower it for cuda on a CPU
-        # host, trace under embed.abstract_gpu().
-        contract.Backend(
-            "mosaic",
-            "kernels.mosaic_gather",
-            compiled_on=("cuda",),
-            interpreted=True,
-            chosen_when="tracing",
-            needs=compat.mosaic_gpu_problem,
-        ),
-    )
-}
+# The registry of kernels/contract.py: every backend by name, imported only when used.
+REGISTRY = contract.REGISTRY
 BACKENDS = ("auto", *REGISTRY)
 
 # What "auto" lowers to on each GPU platform, on every supported JAX (0.10.2 to 0.12.x);

@@ -20,7 +20,7 @@ Every backend checks its operands with ``check_operands`` / ``check_backward_ope
 so bad input raises the same ``ValueError`` / ``TypeError`` whichever backend runs, and
 every backward returns float32, cast once to the table's dtype by ``differentiable``.
 
-``Backend`` is the record the registry (``embed.dispatch``) keeps per name: the module,
+``Backend`` is the record ``REGISTRY`` keeps per name: the module,
 where it compiles, whether it has an interpreter elsewhere, when its platform is chosen,
 and what it needs from the installed stack (a ``kernels.compat`` probe). The module is
 imported only when the backend is used, so a JAX without Pallas on Triton or Mosaic GPU,
@@ -43,6 +43,8 @@ from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+
+from kernels import compat
 
 # Table dtypes every backend supports.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -235,3 +237,39 @@ def _import_problem(module: str) -> str | None:
     except ImportError as e:
         return f"importing {module} failed: {e!r}"
     return None
+
+
+# The registry: every backend by name, its module imported only when it is used, so that
+# a JAX without Pallas on Triton or Mosaic GPU, or a machine without triton and
+# jax-triton, still imports ``kernels`` and ``embed`` (the backend then says what it
+# lacks). ``embed.dispatch`` adds "auto" and chooses the platform.
+REGISTRY = {
+    backend.name: backend
+    for backend in (
+        Backend("xla", "kernels.xla"),
+        Backend(
+            "pallas",
+            "kernels.pallas_gather",
+            compiled_on=("cuda", "rocm"),
+            interpreted=True,
+            needs=compat.pallas_triton_problem,
+        ),
+        Backend(
+            "triton",
+            "kernels.triton_gather",
+            compiled_on=("cuda",),
+            needs=compat.triton_call_problem,
+        ),
+        # Chosen when traced: platform_dependent cannot lower the kernel for cuda beside
+        # the interpreter (compat.tracing_for_gpu says why). To lower it for cuda on a CPU
+        # host, trace under embed.abstract_gpu() (compat.tracing_for_gpu).
+        Backend(
+            "mosaic",
+            "kernels.mosaic_gather",
+            compiled_on=("cuda",),
+            interpreted=True,
+            chosen_when="tracing",
+            needs=compat.mosaic_gpu_problem,
+        ),
+    )
+}

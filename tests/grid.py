@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embed import dispatch
+from kernels.contract import REGISTRY
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 VOCAB_SIZES = (1, 7, 50257)
@@ -78,7 +78,7 @@ COVER_CASES = [
 ]
 
 # ----------------------------------------------------------------------------------------
-# Backends: one parameter per backend of embed.dispatch.REGISTRY, the same ids on every
+# Backends: one parameter per backend of kernels.contract.REGISTRY, the same ids on every
 # machine; each runs compiled where JAX's default backend is a GPU, interpreted elsewhere,
 # and is skipped with the reason where it cannot run here. ("auto" is none of them: on a
 # CPU it is "xla" again; tests/embed/test_dispatch.py checks it on its own.)
@@ -88,12 +88,12 @@ ON_GPU = jax.default_backend() == "gpu"
 
 def interpreted(name: str) -> bool:
     """Whether backend ``name`` runs in its interpreter on this machine."""
-    return bool(dispatch.REGISTRY[name].compiled_on) and not ON_GPU
+    return bool(REGISTRY[name].compiled_on) and not ON_GPU
 
 
 def backend_problem(name: str) -> str | None:
     """Why backend ``name`` cannot run on this machine, or ``None`` when it can."""
-    backend = dispatch.REGISTRY[name]
+    backend = REGISTRY[name]
     if problem := backend.problem():
         return problem
     if interpreted(name) and not backend.interpreted:
@@ -112,9 +112,9 @@ def backend_params(names) -> list:
 
 
 # Every backend.
-BACKENDS = backend_params(dispatch.REGISTRY)
+BACKENDS = backend_params(REGISTRY)
 # The kernels: every backend with a compiled path (all but "xla").
-KERNELS = backend_params(n for n, b in dispatch.REGISTRY.items() if b.compiled_on)
+KERNELS = backend_params(n for n, b in REGISTRY.items() if b.compiled_on)
 # Whose interpreter is too slow for every GATHER_CASES case on a CPU (they get COVER_CASES).
 SLOW_INTERPRETERS = ("mosaic",)
 # Cheap on a CPU: "xla" and the Pallas interpreter, for files that check the layer, ids,

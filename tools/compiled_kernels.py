@@ -37,8 +37,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from embed import dispatch
 from kernels import compat
+from kernels.contract import REGISTRY
 from tools import cubin
 
 BACKENDS = ("xla", "pallas", "mosaic", "triton")
@@ -135,12 +135,12 @@ def backend_problem(backend: str) -> str | None:
     problem = compat.cuda_compiler_problem()
     if problem or backend == "triton":
         return problem
-    return dispatch.REGISTRY[backend].problem()
+    return REGISTRY[backend].problem()
 
 
 def _lookup(backend: str, deterministic: bool):
     """``backend``'s ``lookup`` (the contract's), compiled, with the backward asked for."""
-    module = importlib.import_module(dispatch.REGISTRY[backend].module)
+    module = importlib.import_module(REGISTRY[backend].module)
     return lambda t, i: module.lookup(t, i, False, deterministic)
 
 

@@ -17,20 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embed import dispatch
-from embed import ids as ids_lib
 from kernels import contract, reference
 from tests import grid
 
 pytestmark = pytest.mark.backends
 
-NAMES = tuple(dispatch.REGISTRY)
+NAMES = tuple(contract.REGISTRY)
 CASES = grid.COVER_CASES
 
 
 def _module(name: str):
     """``name``'s module if it imports here, else skip saying why."""
-    module = dispatch.REGISTRY[name].module
+    module = contract.REGISTRY[name].module
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -41,7 +39,7 @@ def _runnable(name: str):
     """``(module, interpret)`` to run ``name`` on this machine, or skip saying why."""
     if problem := grid.backend_problem(name):
         pytest.skip(problem)
-    return importlib.import_module(dispatch.REGISTRY[name].module), grid.interpreted(name)
+    return importlib.import_module(contract.REGISTRY[name].module), grid.interpreted(name)
 
 
 @pytest.mark.parametrize("case", CASES, ids=grid.case_id)
@@ -93,7 +91,7 @@ def test_lookup_gradient_matches_jax_grad_of_the_oracle(name, deterministic):
 @pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", NAMES)
 def test_every_backward_is_float32_and_the_gradient_the_tables_dtype(name, dtype):
-    if problem := dispatch.REGISTRY[name].problem():  # Tracing reaches the kernel's call.
+    if problem := contract.REGISTRY[name].problem():  # Tracing reaches the kernel's call.
         pytest.skip(problem)
     module = _module(name)
     grad_out = jax.ShapeDtypeStruct((9, 64), dtype)
@@ -174,7 +172,8 @@ def test_tuning_is_one_frozen_hashable_config(name):
 def test_the_id_rule_is_jax_indexing_in_every_form():
     """What an id means (``contract``'s rule) is JAX's own indexing: the row ``table[ids]``
     reads and the ids ``jax.grad`` of it gives gradient to; its NumPy form is the same
-    code, and ``embed.ids``'s modes apply it (the Triton form runs in test_triton_gather)."""
+    code (the Triton form runs in test_triton_gather; ``embed.ids``'s modes apply it,
+    tests/embed/test_ids.py)."""
     as_numpy = contract.id_rule(contract.wrap_and_clamp, np)
     for vocab_size in grid.VOCAB_SIZES:
         ids = jnp.asarray(grid.edge_ids_as(vocab_size, np.int32))
@@ -187,8 +186,3 @@ def test_the_id_rule_is_jax_indexing_in_every_form():
         np.testing.assert_array_equal(contract.in_vocab(np.asarray(ids), vocab_size), graded != 0)
         live = np.asarray(contract.gradient_rows(ids, vocab_size)) < vocab_size
         np.testing.assert_array_equal(live, graded != 0)
-        # The layer's modes, around JAX's indexing: "fill" keeps exactly the ids in vocab.
-        filled = ids_lib.lookup_with_policy(
-            table, ids, lambda t, i: t[i], mode="fill", fill_value=-1
-        )
-        np.testing.assert_array_equal(filled[:, 0] != -1, graded != 0)
