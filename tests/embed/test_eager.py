@@ -107,10 +107,15 @@ def _token_ids(kind: str, shape, mode: str):
     }[kind]()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", ["clip", "fill", "error"])
-@pytest.mark.parametrize("shape", [(8,), (1, 2048)], ids=str)
-@pytest.mark.parametrize("kind", ["int32", "uint8 numpy", "uint8", "int64 numpy"])
+@pytest.mark.parametrize(
+    ("backend", "mode", "shape", "kind"),
+    grid.pairwise(
+        BACKENDS,
+        ["clip", "fill", "error"],
+        [(8,), (1, 2048)],
+        ["int32", "uint8 numpy", "uint8", "int64 numpy"],
+    ),
+)
 def test_an_eager_layer_call_is_one_dispatch(backend, mode, shape, kind):
     layer = MyEmbed(VOCAB, D_MODEL, nnx.Rngs(0), backend=backend, mode=mode)
     token_ids = _token_ids(kind, shape, mode)

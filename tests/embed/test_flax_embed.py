@@ -32,10 +32,10 @@ def _pair(num_embeddings, features=FEATURES, backend="auto", seed=0, **kwargs):
     return ours, flax
 
 
-@pytest.mark.parametrize("param_dtype", grid.DTYPES, ids=_name)
-@pytest.mark.parametrize("dtype", grid.OUTPUT_DTYPES, ids=_name)
-@pytest.mark.parametrize("num_embeddings", grid.VOCAB_SIZES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "num_embeddings", "dtype", "param_dtype"),
+    grid.pairwise(BACKENDS, grid.VOCAB_SIZES, grid.OUTPUT_DTYPES, grid.DTYPES),
+)
 def test_matches_nnx_embed(backend, num_embeddings, dtype, param_dtype):
     ours, flax = _pair(num_embeddings, backend=backend, dtype=dtype, param_dtype=param_dtype)
     # The table: flax's default initializer, one draw from the same params stream.

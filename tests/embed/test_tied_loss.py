@@ -47,7 +47,9 @@ def _value_and_grads(fn, table, hidden, targets, reduction, **kwargs):
         out = fn(table, hidden, targets, reduction=reduction, **kwargs)
         return (out * weights).sum() if reduction == "none" else out, out
 
-    (_, out), grads = jax.value_and_grad(scalar, argnums=(0, 1), has_aux=True)(table, hidden)
+    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1), has_aux=True))(
+        table, hidden
+    )
     return out, grads
 
 
