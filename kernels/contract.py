@@ -16,9 +16,10 @@ A backend is one module of ``kernels/`` (``xla``, ``pallas_gather``, ``mosaic_ga
 * ``lookup = contract.differentiable(gather, scatter_add, segment_sum)``: what the layer
   calls, ``lookup(table, ids, interpret, deterministic)``.
 
-Every backend checks its operands with ``check_operands`` / ``check_backward_operands``,
-so bad input raises the same ``ValueError`` / ``TypeError`` whichever backend runs, and
-every backward returns float32, cast once to the table's dtype by ``differentiable``.
+Every backend's functions are wrapped by ``forward`` / ``backward``, which jit them and
+check their operands, so bad input raises the same ``ValueError`` / ``TypeError``
+whichever backend runs; every backward returns float32, cast once to the table's dtype
+by ``differentiable``.
 
 ``Backend`` is the record ``REGISTRY`` keeps per name: the module,
 where it compiles, whether it has an interpreter elsewhere, when its platform is chosen,
@@ -120,6 +121,54 @@ def check_backward_operands(grad_out: jax.Array, ids: jax.Array, vocab_size) -> 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"{vocab_size=} must be a positive int")
     return num_tokens, d_model
+
+
+# ----------------------------------------------------------------------------------------
+# The wrappers every backend's functions share.
+
+
+def forward(config_type: type) -> Callable:
+    """Makes ``fn(table, ids, *, config, interpret)`` a backend's ``gather``.
+
+    What every forward shares, once: ``jax.jit`` with ``config`` and ``interpret``
+    static, ``check_operands``, and ``config_type()`` for ``config=None``. So every
+    backend is called as ``gather(table, ids, *, config=None, interpret=False)`` and
+    raises the same errors; ``fn`` sees checked operands and a config.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        def gather(table, ids, *, config=None, interpret=False):
+            check_operands(table, ids)
+            return fn(table, ids, config=config or config_type(), interpret=interpret)
+
+        return jax.jit(_named_as(gather, fn), static_argnames=("config", "interpret"))
+
+    return wrap
+
+
+def backward(config_type: type) -> Callable:
+    """Makes ``fn(grad_out, ids, *, vocab_size, config, interpret)`` a table gradient.
+
+    As ``forward``, for ``scatter_add`` and ``segment_sum``: ``vocab_size`` static too,
+    and ``check_backward_operands``.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        def grad(grad_out, ids, *, vocab_size, config=None, interpret=False):
+            check_backward_operands(grad_out, ids, vocab_size)
+            config = config or config_type()
+            return fn(grad_out, ids, vocab_size=vocab_size, config=config, interpret=interpret)
+
+        return jax.jit(_named_as(grad, fn), static_argnames=("vocab_size", "config", "interpret"))
+
+    return wrap
+
+
+def _named_as(wrapper: Callable, fn: Callable) -> Callable:
+    """``wrapper`` under ``fn``'s name, module and docstring (but its own signature)."""
+    for attribute in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(wrapper, attribute, getattr(fn, attribute))
+    return wrapper
 
 
 def check_power_of_2(name: str, value: int | None, *, maximum: int = 2**20) -> None:

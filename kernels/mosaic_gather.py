@@ -172,25 +172,18 @@ def _gather_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=["config", "interpret"])
-def gather(
-    table: jax.Array,  # [vocab_size, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:  # [num_tokens, d_model]
+@contract.forward(Config)
+def gather(table, ids, *, config, interpret) -> jax.Array:  # [num_tokens, d_model]
     """Rows of ``table`` for ``ids`` with the semantics of ``table[ids]``, as one kernel.
 
     ``config.block_t`` ids per program, each a row copy in flight; ``config.block_d``
     columns per copy.
     """
-    contract.check_operands(table, ids)
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
     if num_tokens == 0:
         return jnp.zeros((0, d_model), table.dtype)
-    block_t, block_d = (config or Config()).blocks(num_tokens, d_model, table.dtype.itemsize)
+    block_t, block_d = config.blocks(num_tokens, d_model, table.dtype.itemsize)
     padded = pad_columns(table, block_d)  # A table copy only for unaligned d_model.
     padded_ids = _pad_tokens(ids, block_t, 0)
     (padded_tokens,), padded_d = padded_ids.shape, padded.shape[1]
@@ -253,14 +246,9 @@ def _scatter_add_kernel(
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # SMEM outlives the reductions' reads.
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
+@contract.backward(Config)
 def scatter_add(
-    grad_out: jax.Array,  # [num_tokens, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: float32 atomic adds into rows ``i mod V``.
 
@@ -268,10 +256,10 @@ def scatter_add(
     order of float additions for repeated ids is not fixed. ``grad_out`` is cast to
     float32 first (TMA reductions add values of the destination's dtype).
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    block_t, block_d = (config or Config()).blocks(num_tokens, d_model, 4)
+    block_t, block_d = config.blocks(num_tokens, d_model, 4)
     grad_out = _pad_tokens(pad_columns(grad_out.astype(jnp.float32), block_d), block_t, 0)
     padded_ids = _pad_tokens(ids, block_t, _DROPPED_ID)
     padded_tokens, padded_d = grad_out.shape
@@ -352,14 +340,9 @@ def _segment_sum_kernel(
     plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
+@contract.backward(Config)
 def segment_sum(
-    grad_out: jax.Array,  # [num_tokens, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Deterministic table gradient of ``gather``: sort-based, no float atomics.
 
@@ -370,10 +353,9 @@ def segment_sum(
     whole rows by ``block_d`` (a multiple of 128) columns. A row's work is serial: use
     it for reproducibility, not speed.
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    config = config or Config()
     block_v, block_d = config.block_v, config.segment_block_d
     padded_vocab = _round_up(vocab_size, block_v)
     order, bounds = segments(ids, vocab_size, padded_vocab)

@@ -114,17 +114,9 @@ def _gather_kernel(
         out_ref[...] = table_ref[rows[:, None], cols[None, :]]
 
 
-@functools.partial(jax.jit, static_argnames=["config", "interpret"])
-def gather(
-    table: jax.Array,  # [vocab_size, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:  # [num_tokens, d_model]
+@contract.forward(Config)
+def gather(table, ids, *, config, interpret) -> jax.Array:  # [num_tokens, d_model]
     """Rows of ``table`` for ``ids`` with the semantics of ``table[ids]``, as one kernel."""
-    contract.check_operands(table, ids)
-    config = config or Config()
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
     if num_tokens == 0:
@@ -178,24 +170,18 @@ def _scatter_add_kernel(
     jax.lax.fori_loop(0, block_t, add_row, None)
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
+@contract.backward(Config)
 def scatter_add(
-    grad_out: jax.Array,  # [num_tokens, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: float32 atomic adds into rows ``i mod V``.
 
     Ids outside ``[-V, V)`` add nothing, as in ``jax.grad`` of ``table[ids]``. The
     order of float additions for repeated ids is not fixed.
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    config = config or Config()
     block_t, block_d = config.blocks(num_tokens, d_model, grad_out.dtype.itemsize)
     grad_out = pad_columns(grad_out, block_d)  # Every atomic: an unmasked row slice.
     padded_d = grad_out.shape[1]
@@ -244,14 +230,9 @@ def _segment_sum_kernel(
     jax.lax.fori_loop(0, block_v, sum_row, None)
 
 
-@functools.partial(jax.jit, static_argnames=["vocab_size", "config", "interpret"])
+@contract.backward(Config)
 def segment_sum(
-    grad_out: jax.Array,  # [num_tokens, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Deterministic table gradient of ``gather``: sort-based, no float atomics.
 
@@ -266,10 +247,9 @@ def segment_sum(
     ids are all equal is one program summing ``num_tokens`` rows one after another, where
     ``scatter_add`` spreads them over many programs. Use it for reproducibility, not speed.
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     if num_tokens == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
-    config = config or Config()
     _, block_d = config.blocks(num_tokens, d_model, grad_out.dtype.itemsize)
     block_v = config.block_v
     num_row_blocks = pl.cdiv(vocab_size, block_v)

@@ -69,6 +69,21 @@ _in_vocab = triton.jit(contract.id_rule(contract.in_vocab, tl))
 
 
 @triton.jit
+def _tokens(ids_ptr, n_tokens, BLOCK_T: tl.constexpr):
+    """This program's token positions (axis 0 of the grid), which exist, and their ids."""
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_mask = toks < n_tokens
+    return toks, tok_mask, tl.load(ids_ptr + toks, mask=tok_mask, other=0)
+
+
+@triton.jit
+def _columns(BLOCK_D: tl.constexpr):
+    """This program's columns (axis 1 of the grid), marked aligned for vector accesses."""
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
+
+
+@triton.jit
 def _gather_kernel(
     ids_ptr,  # *i32 [n_tokens]
     table_ptr,  # *T [vocab_size, d_model]
@@ -80,18 +95,11 @@ def _gather_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
     # A multiple of VEC by construction: row starts and the column mask are VEC-aligned.
     d_model = d_model_over_vec * VEC
-
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_mask = toks < n_tokens
-    ids = tl.load(ids_ptr + toks, mask=tok_mask, other=0)
+    toks, tok_mask, ids = _tokens(ids_ptr, n_tokens, BLOCK_T)
     rows = _wrap_and_clamp(ids, vocab_size)
-
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
+    cols = _columns(BLOCK_D)
     mask = tok_mask[:, None] & (cols < d_model)[None, :]
 
     # 64-bit offsets: vocab_size * d_model (and n_tokens * d_model) may exceed 2**31.
@@ -112,20 +120,13 @@ def _scatter_add_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
     d_model = d_model_over_vec * VEC
-
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tok_mask = toks < n_tokens
-    ids = tl.load(ids_ptr + toks, mask=tok_mask, other=0)
+    toks, tok_mask, ids = _tokens(ids_ptr, n_tokens, BLOCK_T)
     # Ids in [-V, V) add into row id mod V; the rest contribute nothing (jax.grad of
     # table[ids]). The clamp is defensive: rows of dropped ids are masked off anyway.
     in_vocab = tok_mask & _in_vocab(ids, vocab_size)
     rows = _wrap_and_clamp(ids, vocab_size)
-
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
+    cols = _columns(BLOCK_D)
     mask = in_vocab[:, None] & (cols < d_model)[None, :]
 
     src = grad_ptr + toks.to(tl.int64)[:, None] * d_model + cols[None, :]
@@ -147,11 +148,8 @@ def _segment_sum_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
-    pid_d = tl.program_id(1)
     d_model = d_model_over_vec * VEC
-
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
+    cols = _columns(BLOCK_D)
     col_mask = cols < d_model
     # Each program owns BLOCK_V whole rows and writes every element of them once; a
     # row's gradient rows are added left to right in token order, in float32: one
@@ -267,19 +265,13 @@ def _no_interpreter(interpret: bool) -> None:
 # Launchers.
 
 
-def gather(
-    table: jax.Array,  # [vocab_size, d_model] float32 / bfloat16 / float16
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:  # [num_tokens, d_model], table.dtype
+@contract.forward(Config)
+def gather(table, ids, *, config, interpret) -> jax.Array:  # [num_tokens, d_model]
     """``table[ids]`` (wrap once, then clamp) with ``_gather_kernel``, via jax-triton."""
-    contract.check_operands(table, ids)
     _no_interpreter(interpret)
     vocab_size, d_model = table.shape
     (num_tokens,) = ids.shape
-    cfg = (config or Config()).launch(d_model, table.dtype.itemsize)
+    cfg = config.launch(d_model, table.dtype.itemsize)
     _check_sizes(num_tokens, vocab_size, d_model, cfg["BLOCK_T"])
     out_shape = jax.ShapeDtypeStruct((num_tokens, d_model), table.dtype)
     if num_tokens == 0 or d_model == 0:
@@ -298,22 +290,18 @@ def gather(
     )
 
 
+@contract.backward(Config)
 def scatter_add(
-    grad_out: jax.Array,  # [num_tokens, d_model] float32 / bfloat16 / float16
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: rows of ``grad_out`` added into rows ``ids mod V``.
 
     Ids outside ``[-vocab_size, vocab_size)`` contribute nothing. Accumulates with float32
     atomics (summation order of repeated ids is not deterministic).
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     _no_interpreter(interpret)
-    cfg = (config or Config()).launch(d_model, grad_out.dtype.itemsize)
+    cfg = config.launch(d_model, grad_out.dtype.itemsize)
     _check_sizes(num_tokens, vocab_size, d_model, cfg["BLOCK_T"])
     if num_tokens == 0 or d_model == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
@@ -332,13 +320,9 @@ def scatter_add(
     )
 
 
+@contract.backward(Config)
 def segment_sum(
-    grad_out: jax.Array,  # [num_tokens, d_model] float32 / bfloat16 / float16
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Deterministic table gradient of ``gather``: sort-based, no float atomics.
 
@@ -347,9 +331,8 @@ def segment_sum(
     ``block_v`` rows' gradient rows in token order. A row's work is serial: use it for
     reproducibility, not speed.
     """
-    num_tokens, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    num_tokens, d_model = grad_out.shape
     _no_interpreter(interpret)
-    config = config or Config()
     cfg = config.launch(d_model, 4)  # Tiles sized for the float32 rows it sums and writes.
     _check_sizes(num_tokens, vocab_size, d_model, cfg.pop("BLOCK_T"))
     if num_tokens == 0 or d_model == 0:

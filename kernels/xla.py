@@ -24,30 +24,20 @@ class Config:
     """XLA chooses its own tiling: nothing to tune."""
 
 
-def gather(
-    table: jax.Array,  # [vocab_size, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    config: Config | None = None,
-    interpret: bool = False,
-) -> jax.Array:  # [num_tokens, d_model]
+@contract.forward(Config)
+def gather(table, ids, *, config, interpret) -> jax.Array:  # [num_tokens, d_model]
     """``table[ids]``: XLA's gather, which wraps negative ids once and clamps the rest."""
     del config, interpret  # One implementation on every platform.
-    contract.check_operands(table, ids)
     return table[ids]
 
 
+@contract.backward(Config)
 def scatter_add(
-    grad_out: jax.Array,  # [num_tokens, d_model]
-    ids: jax.Array,  # [num_tokens] int32
-    *,
-    vocab_size: int,
-    config: Config | None = None,
-    interpret: bool = False,
+    grad_out, ids, *, vocab_size, config, interpret
 ) -> jax.Array:  # [vocab_size, d_model] float32
     """Table gradient of ``gather``: rows added into rows ``i mod V`` in float32."""
     del config, interpret
-    _, d_model = contract.check_backward_operands(grad_out, ids, vocab_size)
+    d_model = grad_out.shape[1]
     rows = contract.gradient_rows(ids, vocab_size)
     grad = jnp.zeros((vocab_size, d_model), jnp.float32)
     return grad.at[rows].add(grad_out.astype(jnp.float32), mode="drop")

@@ -11,7 +11,9 @@ from tests import grid
 
 def _pairs(runs, num_axes):
     return {
-        (a, run[a], b, run[b]) for run in runs for a, b in itertools.combinations(range(num_axes), 2)
+        (a, run[a], b, run[b])
+        for run in runs
+        for a, b in itertools.combinations(range(num_axes), 2)
     }
 
 

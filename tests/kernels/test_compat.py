@@ -78,7 +78,9 @@ def test_users_do_not_see_the_pallas_triton_deprecation():
 @deprecated
 def test_when_the_deprecation_becomes_an_error_pallas_fails_clearly_at_build():
     with compat.pallas_triton_deprecation_accelerated():
-        # JAX's own lowering now raises: the simulation is what that release will do.
+        # JAX's own lowering now raises: the simulation is what that release will do. (A
+        # lowering cached by an earlier test in this process would not run the rule.)
+        jax.clear_caches()
         with pytest.raises(ValueError, match="Pallas Triton backend is deprecated"):
             compat.lower(pallas_gather.gather, *SHAPES)
         assert 'backend="mosaic"' in compat.pallas_triton_problem()

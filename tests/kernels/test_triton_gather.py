@@ -96,7 +96,7 @@ class _Interpreted:
     so other tests in the same process still see compiled kernels.
     """
 
-    _HELPERS = ("_wrap_and_clamp", "_in_vocab")
+    _HELPERS = ("_wrap_and_clamp", "_in_vocab", "_tokens", "_columns")
 
     def __init__(self, kernel):
         self._launch = InterpretedFunction(kernel.fn)
