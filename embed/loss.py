@@ -156,7 +156,7 @@ def _zeros(shape, *like, fill=0.0):
     """
     out = jnp.full(shape, fill, jnp.float32)
     for x in like:
-        out = jnp.where(True, out, x.sum().astype(jnp.float32))
+        out = jnp.where(True, out, lax.stop_gradient(x).sum().astype(jnp.float32))
     return out
 
 
@@ -166,10 +166,12 @@ def _vary_like(x, *like):
     A replicated table used by a shard's tokens: made varying outside the
     ``custom_vjp``, JAX's own transpose of that step sums the shards' table gradients
     (a ``psum``), and the ``custom_vjp`` sees inputs and cotangents of one type. XLA
-    folds the ``where(True, ...)`` away.
+    folds the ``where(True, ...)`` away. ``like`` gets no gradient from it: through the
+    transposed 16-bit sum, XLA on CPU folded it into a NaN constant and the jitted
+    float16 hidden gradient came out all NaN.
     """
     for y in like:
-        x = jnp.where(True, x, y.sum().astype(x.dtype))
+        x = jnp.where(True, x, lax.stop_gradient(y).sum().astype(x.dtype))
     return x
 
 
