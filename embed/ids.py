@@ -1,7 +1,10 @@
-"""The one place that defines what a token id means.
+"""What the layer does with token ids: validation, int32 ids, and the out-of-range modes.
 
 Every backend sees the same int32 ids produced here, and the out-of-range policy
 (``mode``) is applied here around whichever kernel ran, so backends cannot drift apart.
+Which row an id reads and which ids are in the vocabulary is the rule of
+``kernels.contract`` (``wrap_and_clamp``, ``in_vocab``), written once below every layer
+that applies it; this module calls it, on the host and on device.
 
 Modes:
   * ``"clip"``: JAX's own indexing semantics (the seed's): a negative id wraps once

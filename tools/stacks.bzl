@@ -64,3 +64,18 @@ def stack_venvs():
     for stack in STACKS.values():
         python_venv(name = stack["repo"], lock = "//:" + stack["lock"], python_version = stack["python"])
     native.register_toolchains(stack_repo(TOOLCHAIN_STACK) + "//:python_toolchain")
+
+def stack_binaries(name, stacks, args, data):
+    """`<name>_<stack>` for each of `stacks`: `python <args>` on that stack's venv.
+
+    `bazel run` runs it in its runfiles tree, where `python -m <module>` finds the
+    repository's packages; `args` may use $(rootpath) of `data`.
+    """
+    for stack in stacks:
+        python = stack_repo(stack) + "//:python"
+        native.sh_binary(
+            name = name + "_" + stack,
+            srcs = ["//tools:run_with_python.sh"],
+            args = ["$(rootpath %s)" % python] + args,
+            data = data + [python],
+        )

@@ -7,6 +7,8 @@ included), interpreted on a CPU where the backend has an interpreter (``pallas``
 what the CPU run checks. Sizes are kept small enough for the interpreters.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 import embed
-from kernels import reference
+from kernels import contract, reference
 from tests import grid
 
 pytestmark = pytest.mark.backends
@@ -166,3 +168,75 @@ def test_mosaic_deterministic_gradient_is_reproducible(dtype):
     np.testing.assert_allclose(
         np.asarray(first, np.float32), np.asarray(expected, np.float32), rtol=rtol, atol=1e-4
     )
+
+
+# --- Each backend's table gradient through the layer, in every mode ---------------------
+# (A kernel's backward meets the modes here: on every stack, as the kernels' tests.)
+
+_VOCAB, _D_MODEL = 11, 5
+
+
+def _table(dtype=jnp.float32):
+    return grid.make_table(_VOCAB, _D_MODEL, dtype)
+
+
+def _plain_jax(mode, fill_value=jnp.nan):
+    """The plain-JAX formulation of each mode, on int32 ids."""
+
+    def rows(table, token_ids):
+        out = table[token_ids]
+        if mode == "fill":
+            mask = contract.in_vocab(token_ids, table.shape[0])[..., None]
+            out = jnp.where(mask, out, jnp.asarray(fill_value, table.dtype))
+        return out
+
+    return rows
+
+
+def _table_grad(rows, table, cotangent):
+    _, vjp = jax.vjp(rows, table)
+    return vjp(cotangent)[0]
+
+
+@pytest.mark.parametrize("backend", grid.CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["clip", "fill", "error"])
+@pytest.mark.parametrize("dtype", grid.DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_gradient_matches_plain_jax_in_every_mode(backend, mode, dtype):
+    token_ids = grid.make_ids(_VOCAB, 60).reshape(3, 20)
+    if mode == "error":
+        token_ids = np.where(contract.in_vocab(token_ids, _VOCAB), token_ids, 3)
+    token_ids = jnp.asarray(token_ids, jnp.int32)
+    table = _table(dtype)
+    cotangent = jax.random.normal(jax.random.key(1), (3, 20, _D_MODEL), dtype)
+    plain = functools.partial(_plain_jax(mode), token_ids=token_ids)
+    layer = functools.partial(embed.lookup, token_ids=token_ids, backend=backend, mode=mode)
+    actual = _table_grad(layer, table, cotangent)
+    assert actual.dtype == dtype
+    assert np.isfinite(np.asarray(actual, np.float32)).all()
+    # Every backend sums repeated ids in float32 and rounds once to the table's dtype
+    # (plain JAX's 16-bit scatter-add would round after each id): the plain formulation
+    # on a float32 table, rounded once.
+    f32 = jnp.float32
+    expected = _table_grad(plain, table.astype(f32), cotangent.astype(f32)).astype(dtype)
+    if embed.backend_for(backend, "cpu") == "xla":
+        # XLA's float32 scatter-add, in the same order: the same bits.
+        grid.assert_bits_equal(actual, expected)
+        return
+    # The kernel adds in another order.
+    tol = 1e-6 if dtype == jnp.float32 else float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(
+        np.asarray(actual, f32), np.asarray(expected, f32), rtol=tol, atol=tol
+    )
+
+
+@pytest.mark.parametrize("backend", grid.CPU_BACKENDS)
+def test_gradient_under_error_mode_reports_bad_ids_through_checkify(backend):
+    def loss(table, token_ids):
+        return embed.lookup(table, token_ids, backend=backend, mode="error").sum()
+
+    checked = jax.jit(checkify.checkify(jax.grad(loss)))
+    err, grad = checked(_table(), jnp.array([1, 1, -1]))
+    assert err.get() is None
+    np.testing.assert_array_equal(grad[:, 0], [0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    err, _ = checked(_table(), jnp.array([1, _VOCAB]))
+    assert f"token id {_VOCAB} at flat position 1" in err.get()

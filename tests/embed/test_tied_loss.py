@@ -88,7 +88,8 @@ def _term_scales(table, hidden, targets, reduction, where=None):
     return cotangent * largest(hidden), cotangent * largest(table)
 
 
-# Every shape with no option and with all of them; each option alone on one shape.
+# Every shape with no option and with all of them; each option alone on one shape. Each
+# case meets every reduction, and each reduction both block sizes (grid.pairwise).
 FLOAT32_CASES = [(s, o) for s in SHAPES for o in ("plain", "all")] + [
     (SHAPES[1], o) for o in ("where", "cap", "zloss")
 ]
@@ -98,9 +99,14 @@ def _case_id(case):
     return "V{}-D{}-T{}".format(*case[0]) + f"-{case[1]}"
 
 
-@pytest.mark.parametrize("blocks", BLOCKS, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", FLOAT32_CASES, ids=_case_id)
+def _case_or_name(value) -> str:
+    return value if isinstance(value, str) else _case_id(value)
+
+
+@pytest.mark.parametrize(
+    ("case", "reduction", "blocks"),
+    grid.pairwise(FLOAT32_CASES, REDUCTIONS, list(BLOCKS), id_of=_case_or_name),
+)
 def test_float32_matches_naive(case, reduction, blocks):
     shape, option = case
     table, hidden, targets, where = _inputs(*shape, jnp.float32)
@@ -118,9 +124,9 @@ def test_float32_matches_naive(case, reduction, blocks):
         _assert_close(grad, want, 1e-5, scale)
 
 
-@pytest.mark.parametrize("dtype", grid.DTYPES[1:], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("blocks", BLOCKS, ids=str)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    ("dtype", "blocks", "reduction"), grid.pairwise(grid.DTYPES[1:], list(BLOCKS), REDUCTIONS)
+)
 def test_16_bit_matches_naive(dtype, blocks, reduction):
     # The logits are float32 sums of 16-bit products in both, so the losses agree to
     # float32 rounding. The gradients are rounded once to the 16-bit dtype, after float32
