@@ -86,21 +86,23 @@ COVER_CASES = [
 
 
 def value_id(value) -> str:
-    """A test id for a grid value: a dtype by its name, anything else as ``str``."""
+    """A test id for a grid value: a dtype by its name, a tuple (a shape, a grid case) as
+    its items' ids joined by ``-``, anything else as ``str``."""
+    if isinstance(value, tuple):
+        return "-".join(map(value_id, value))
     if isinstance(value, type) and issubclass(value, np.generic) or hasattr(value, "dtype"):
         return jnp.dtype(value).name
     return str(value)
 
 
-def pairwise(*axes, id_of=value_id) -> list:
+def pairwise(*axes) -> list:
     """``pytest.param`` runs in which every pair of values of any two axes appears.
 
     A greedy covering array: each run is the one of the full product that covers the
     most pairs not yet covered (the first such, so the list is the same on every
     machine). Four axes of 4, 3, 2 and 2 values take 12 runs where the product takes 48;
     a fault that needs two parameters at given values is still found. For
-    ``pytest.mark.parametrize(("a", "b", ...), pairwise(A, B, ...))``; ``id_of`` names a
-    value in the ids.
+    ``pytest.mark.parametrize(("a", "b", ...), pairwise(A, B, ...))``; ids by ``value_id``.
     """
     sizes = [range(len(axis)) for axis in axes]
 
@@ -113,7 +115,7 @@ def pairwise(*axes, id_of=value_id) -> list:
         run = max(itertools.product(*sizes), key=lambda run: len(pairs(run) & uncovered))
         uncovered -= pairs(run)
         runs.append(tuple(axis[i] for axis, i in zip(axes, run, strict=True)))
-    return [pytest.param(*run, id="-".join(map(id_of, run))) for run in runs]
+    return [pytest.param(*run, id=value_id(run)) for run in runs]
 
 
 # ----------------------------------------------------------------------------------------

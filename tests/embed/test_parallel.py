@@ -56,10 +56,6 @@ CASES = [
 ]
 
 
-def _case_or_name(value) -> str:
-    return value if isinstance(value, str) else grid.case_id(value)
-
-
 def _mesh(shape=(NUM_DEVICES,), names=("x",), axis_type=AxisType.Auto):
     return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape))
 
@@ -101,9 +97,7 @@ def _assert_grads_match(actual, expected, layout, ids, grad_out):
 
 
 @needs_devices
-@pytest.mark.parametrize(
-    ("layout", "backend", "case"), grid.pairwise(LAYOUTS, BACKENDS, CASES, id_of=_case_or_name)
-)
+@pytest.mark.parametrize(("layout", "backend", "case"), grid.pairwise(LAYOUTS, BACKENDS, CASES))
 def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
     dtype, vocab_size, d_model, num_tokens = case
     table = grid.make_table(vocab_size, d_model, dtype)

@@ -99,13 +99,9 @@ def _case_id(case):
     return "V{}-D{}-T{}".format(*case[0]) + f"-{case[1]}"
 
 
-def _case_or_name(value) -> str:
-    return value if isinstance(value, str) else _case_id(value)
-
-
 @pytest.mark.parametrize(
     ("case", "reduction", "blocks"),
-    grid.pairwise(FLOAT32_CASES, REDUCTIONS, list(BLOCKS), id_of=_case_or_name),
+    grid.pairwise(FLOAT32_CASES, REDUCTIONS, list(BLOCKS)),
 )
 def test_float32_matches_naive(case, reduction, blocks):
     shape, option = case
