@@ -110,7 +110,7 @@ def test_out_of_range_ids_get_no_gradient(backend, mode):
     vocab_size, d_model, num_tokens = 97, 64, NUM_TOKENS
     table = grid.make_table(vocab_size, d_model, jnp.float32)
     ids = grid.make_ids(vocab_size, num_tokens)
-    cotangent = np.asarray(jax.random.normal(jax.random.key(2), (num_tokens, d_model)))
+    cotangent = np.asarray(grid.normal((num_tokens, d_model), seed=2))
 
     inside = (ids >= -vocab_size) & (ids < vocab_size)
     expected = np.zeros((vocab_size, d_model), np.float32)
@@ -154,7 +154,7 @@ def test_mosaic_deterministic_gradient_is_reproducible(dtype):
     ids = np.concatenate([np.full(half, 5), grid.make_ids(vocab_size, num_tokens - half)])
     ids = jnp.asarray(ids, jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    cotangent = grid.normal((num_tokens, d_model), dtype, seed=1)
 
     @jax.jit
     def grad(t):
@@ -207,7 +207,7 @@ def test_gradient_matches_plain_jax_in_every_mode(backend, mode, dtype):
         token_ids = np.where(contract.in_vocab(token_ids, _VOCAB), token_ids, 3)
     token_ids = jnp.asarray(token_ids, jnp.int32)
     table = _table(dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (3, 20, _D_MODEL), dtype)
+    cotangent = grid.normal((3, 20, _D_MODEL), dtype, seed=1)
     plain = functools.partial(_plain_jax(mode), token_ids=token_ids)
     layer = functools.partial(embed.lookup, token_ids=token_ids, backend=backend, mode=mode)
     actual = _table_grad(layer, table, cotangent)

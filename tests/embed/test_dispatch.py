@@ -50,7 +50,7 @@ def test_default_layer_matches_xla_and_runs_the_kernel_auto_picks():
     """ "auto" (the default), once: forward and gradient equal to "xla", and the kernel
     ``backend_for`` names in the compiled call (the Pallas kernel on a CUDA machine)."""
     ids = jnp.asarray(grid.make_ids(97, 2 * 129).reshape(2, 129))
-    cotangent = jax.random.normal(jax.random.key(1), (2, 129, 64))
+    cotangent = grid.normal((2, 129, 64), seed=1)
 
     def forward_and_grad(layer):
         grad = nnx.grad(lambda m: jnp.vdot(m(ids), cotangent))(layer).embedding[...]

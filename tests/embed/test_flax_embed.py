@@ -59,7 +59,7 @@ def test_matches_nnx_embed(backend, num_embeddings, dtype, param_dtype):
         grid.assert_bits_equal(ours(ids), flax(ids))
     # attend, for a float32 query and one in the table's dtype.
     for query_dtype in {jnp.float32, param_dtype}:
-        query = jax.random.normal(jax.random.key(1), (2, 3, FEATURES), query_dtype)
+        query = grid.normal((2, 3, FEATURES), query_dtype, seed=1)
         grid.assert_bits_equal(ours.attend(query), flax.attend(query))
 
 
@@ -162,7 +162,7 @@ FEATURES_GRAD = 64
 
 def _cotangent(shape, dtype, seed=1):
     # Representable in the table's dtype: the output's cast rounds nothing in the backward.
-    cotangent = jax.random.normal(jax.random.key(seed), (*shape, FEATURES_GRAD), dtype)
+    cotangent = grid.normal((*shape, FEATURES_GRAD), dtype, seed=seed)
     return cotangent.astype(jnp.float32)
 
 
@@ -244,7 +244,7 @@ def test_16_bit_table_with_float32_dtype_rounds_its_gradient_once(backend, param
     # nnx.Embed does by casting its table to dtype first.
     vocab_size = 50
     ids = _repeated_ids(vocab_size)
-    cotangent = jax.random.normal(jax.random.key(1), (*ids.shape, FEATURES_GRAD), jnp.float32)
+    cotangent = grid.normal((*ids.shape, FEATURES_GRAD), jnp.float32, seed=1)
     kwargs = dict(dtype=jnp.float32, param_dtype=param_dtype)
     ours, flax = _pair(vocab_size, FEATURES_GRAD, backend=backend, **kwargs)
     grad = _grad(ours, ids, cotangent)

@@ -24,7 +24,7 @@ def _layer_and_nnx_embed(vocab_size, d_model, **kwargs):
 @pytest.mark.parametrize(("vocab_size", "d_model"), [(1, 1), (7, 3), (97, 129)])
 def test_attend_is_query_times_the_table_transposed(vocab_size, d_model):
     layer = MyEmbed(vocab_size, d_model, nnx.Rngs(0))
-    query = jax.random.normal(jax.random.key(1), (2, 5, d_model))
+    query = grid.normal((2, 5, d_model), seed=1)
     logits = layer.attend(query)
     assert logits.shape == (2, 5, vocab_size)
     assert logits.dtype == jnp.float32
@@ -37,7 +37,7 @@ def test_attend_is_query_times_the_table_transposed(vocab_size, d_model):
 @pytest.mark.parametrize("dtype", [None, jnp.float32, jnp.bfloat16], ids=str)
 def test_attend_promotes_as_nnx_embed(param_dtype, query_dtype, dtype):
     layer, flax_embed = _layer_and_nnx_embed(97, 129, dtype=dtype, param_dtype=param_dtype)
-    query = jax.random.normal(jax.random.key(1), (5, 129), query_dtype)
+    query = grid.normal((5, 129), query_dtype, seed=1)
     logits, flax_logits = layer.attend(query), flax_embed.attend(query)
     assert logits.dtype == flax_logits.dtype
     # Both round a float32-exact product sum once; the sums' orders may differ.
@@ -72,7 +72,7 @@ def test_scale_by_sqrt_d(backend, dtype):
     grid.assert_bits_equal(rows, plain.embedding[...][ids])  # Off by default.
     out = scaled(ids)
     grid.assert_bits_equal(out, rows * jnp.asarray(math.sqrt(129), dtype))
-    query = jax.random.normal(jax.random.key(1), (3, 129), dtype)
+    query = grid.normal((3, 129), dtype, seed=1)
     grid.assert_bits_equal(scaled.attend(query), plain.attend(query))  # attend is not scaled.
 
 
@@ -92,7 +92,7 @@ def test_deterministic_gradient_through_the_layer(dtype, ids_kind):
     vocab_size, d_model, num_tokens = 97, 33, 300
     ids = grid.make_ids(vocab_size, num_tokens)
     ids = jnp.asarray(np.full_like(ids, 5) if ids_kind == "all_equal" else ids).reshape(3, 100)
-    cotangent = jax.random.normal(jax.random.key(1), (*ids.shape, d_model))
+    cotangent = grid.normal((*ids.shape, d_model), seed=1)
     grads = {
         (backend, deterministic): _table_grad(
             MyEmbed(
@@ -144,7 +144,7 @@ def test_tied_gradient_sums_the_lookup_and_the_projection(backend):
     vocab_size, d_model = 11, 8
     layer = MyEmbed(vocab_size, d_model, nnx.Rngs(0), backend=backend)
     ids = jnp.asarray(grid.make_ids(vocab_size, 20))
-    target = jax.random.normal(jax.random.key(1), (20, vocab_size))
+    target = grid.normal((20, vocab_size), seed=1)
 
     def loss(model):
         return jnp.sum((model.attend(model(ids)) - target) ** 2)

@@ -49,7 +49,7 @@ def test_gather_interpret_matches_reference(case):
 def test_scatter_add_matches_reference(case):
     dtype, vocab_size, d_model, num_tokens = case
     ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
-    grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    grad_out = grid.normal((num_tokens, d_model), dtype, seed=1)
     grad = mosaic_gather.scatter_add(grad_out, ids, vocab_size=vocab_size, interpret=True)
     assert grad.dtype == jnp.float32
     # Float32 sums of up to 1000 unit normals in another order differ by far less than 1e-4.
@@ -61,7 +61,7 @@ def test_scatter_add_matches_reference(case):
 def test_segment_sum_adds_in_token_order(case):
     dtype, vocab_size, d_model, num_tokens = case
     ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
-    grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    grad_out = grid.normal((num_tokens, d_model), dtype, seed=1)
     grad = mosaic_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
     grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
 
@@ -80,7 +80,7 @@ def test_interpreter_finds_no_races(kernel, monkeypatch):
         table = grid.make_table(vocab_size, d_model, jnp.float32)
         grid.assert_bits_equal(mosaic_gather.gather(table, ids, interpret=True), table[ids])
     else:
-        grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model))
+        grad_out = grid.normal((num_tokens, d_model), seed=1)
         grad = mosaic_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
         grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
 
@@ -157,7 +157,7 @@ def test_gradient_matches_float32_reference(deterministic, dtype, ids_kind):
         ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
     table = grid.make_table(vocab_size, d_model, dtype)
     # The cotangent reaching the backward has the table's dtype (the layer's output).
-    cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    cotangent = grid.normal((num_tokens, d_model), dtype, seed=1)
     grad = _vjp(table, ids, cotangent, deterministic)
     assert grad.dtype == dtype
     if deterministic:  # The float32 sum in token order, rounded once to the dtype.

@@ -28,7 +28,7 @@ def _duplicated_ids(kind, vocab_size, num_tokens):
 def test_segment_sum_matches_reference(case):
     dtype, vocab_size, d_model, num_tokens = case
     ids = jnp.asarray(grid.make_ids(vocab_size, num_tokens))
-    grad_out = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    grad_out = grid.normal((num_tokens, d_model), dtype, seed=1)
     grad = pallas_gather.segment_sum(grad_out, ids, vocab_size=vocab_size, interpret=True)
     assert grad.dtype == jnp.float32
     grid.assert_bits_equal(grad, grid.grad_in_token_order(grad_out, ids, vocab_size))
@@ -47,7 +47,7 @@ def test_deterministic_gradient_matches_float32_reference(dtype, ids_kind):
     # The layer's output, and so the cotangent reaching the backward, has the table's
     # dtype. It is passed in as such: a float32 cotangent cast inside the jitted graph
     # may skip the rounding on CPU (XLA's excess-precision simplification).
-    cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model), dtype)
+    cotangent = grid.normal((num_tokens, d_model), dtype, seed=1)
     _, vjp = jax.vjp(lambda t: pallas_gather.lookup(t, ids, True, True), table)
     (kernel,) = vjp(cotangent)
     # The float32 sum in token order, rounded once to the table's dtype.
@@ -71,7 +71,7 @@ def test_deterministic_gradient_with_unique_ids_is_bit_identical_to_xla(dtype, v
     ids = np.random.default_rng(0).permutation(vocab_size)[: min(vocab_size, 40)]
     ids = jnp.asarray(np.where(np.arange(ids.size) % 2, ids - vocab_size, ids), jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (ids.size, d_model), dtype)
+    cotangent = grid.normal((ids.size, d_model), dtype, seed=1)
 
     def grad(fn):
         return jax.vjp(fn, table)[1](cotangent)[0]

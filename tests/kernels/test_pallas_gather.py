@@ -74,7 +74,7 @@ def test_gradient_with_unique_ids_is_bit_identical_to_xla(dtype, vocab_size, d_m
     ids = np.random.default_rng(0).permutation(vocab_size)[: min(vocab_size, 40)]
     ids = jnp.asarray(np.where(np.arange(ids.size) % 2, ids - vocab_size, ids), jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (ids.size, d_model))
+    cotangent = grid.normal((ids.size, d_model), seed=1)
     kernel, xla = _grads(table, ids, cotangent)
     grid.assert_bits_equal(kernel, xla)
 
@@ -92,7 +92,7 @@ def test_gradient_with_duplicates_matches_float32_reference(dtype, ids_kind):
         ids = grid.make_ids(vocab_size, num_tokens)
     ids = jnp.asarray(ids, jnp.int32)
     table = grid.make_table(vocab_size, d_model, dtype)
-    cotangent = jax.random.normal(jax.random.key(1), (num_tokens, d_model))
+    cotangent = grid.normal((num_tokens, d_model), seed=1)
     kernel, _ = _grads(table, ids, cotangent)
     # The layer's output, and so the cotangent reaching the backward, has the table's dtype.
     expected = reference.gather_grad_reference(cotangent.astype(dtype), ids, vocab_size)
