@@ -6,6 +6,11 @@ GB of memory; they run only when asked for: ``pytest -m large`` (``--config=larg
 ``backends`` tests run everywhere (compiled on a GPU, interpreted elsewhere), except in
 the CUDA selection (``-m`` naming ``gpu``) on a machine without a GPU, the dry run of
 ``tools/gpu_check``: there they are collected and skipped, as the gpu tests are.
+
+``EMBED_TEST_GRID=cover`` (tools/pytest.bzl sets it on all stacks of a test but one)
+keeps, of each test's parameter grid, the runs that show it every value of every
+parameter (``tests.grid.each_value``); the default, ``full``, runs the whole grid, as
+does any stack when ``EMBED_TEST_FULL_GRID`` is set (``bazel test --config=full_grid``).
 """
 
 import os
@@ -14,6 +19,7 @@ import jax
 import pytest
 
 from kernels import compat
+from tests import grid
 from tests.gpu_selection import MARKERS
 
 # A CPU machine with the CUDA compiler plugin installed (the gpu_image and newest
@@ -33,6 +39,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _grid(config, items)
     _bazel_shard(items)
     skips = {}
     if jax.default_backend() != "gpu":
@@ -46,6 +53,24 @@ def pytest_collection_modifyitems(config, items):
         for marker, reason in skips.items():
             if marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _grid(config, items):
+    """Keep the cover of each test's grid when ``EMBED_TEST_GRID=cover``."""
+    which = os.environ.get("EMBED_TEST_GRID", "full")
+    if os.environ.get("EMBED_TEST_FULL_GRID"):  # bazel test --config=full_grid
+        which = "full"
+    if which not in ("full", "cover"):
+        raise pytest.UsageError(f"EMBED_TEST_GRID={which!r} must be 'full' or 'cover'")
+    if which == "full":
+        return
+    runs = []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        runs.append(((item.path, item.cls, item.originalname), spec.params if spec else {}))
+    keep = grid.each_value(runs)
+    config.hook.pytest_deselected(items=[i for i, k in zip(items, keep, strict=True) if not k])
+    items[:] = [i for i, k in zip(items, keep, strict=True) if k]
 
 
 def _bazel_shard(items):

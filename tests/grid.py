@@ -100,8 +100,11 @@ def value_id(value) -> str:
     its items' ids joined by ``-``, anything else as ``str``."""
     if isinstance(value, tuple):
         return "-".join(map(value_id, value))
-    if isinstance(value, type) and issubclass(value, np.generic) or hasattr(value, "dtype"):
-        return jnp.dtype(value).name
+    if isinstance(value, (type, np.dtype)):  # np.float32, jnp.bfloat16, np.dtype(...).
+        try:
+            return jnp.dtype(value).name
+        except TypeError:  # A class that is not a dtype.
+            pass
     return str(value)
 
 
@@ -126,6 +129,41 @@ def pairwise(*axes) -> list:
         uncovered -= pairs(run)
         runs.append(tuple(axis[i] for axis, i in zip(axes, run, strict=True)))
     return [pytest.param(*run, id=value_id(run)) for run in runs]
+
+
+def each_value(runs) -> list[bool]:
+    """Which ``runs`` to keep so that each test still meets every value of every parameter.
+
+    ``runs`` are ``(test, params)`` pairs in collection order: ``test`` names a test
+    function, ``params`` maps its parameter names to values, and a tuple value (a grid
+    case, a shape) counts item by item. Per test, a greedy cover as in ``pairwise``, of
+    single values: the run that shows the most values not yet shown (the first such),
+    until all are. This is the grid that a test running on several JAX stacks runs on
+    all but one of them (``EMBED_TEST_GRID=cover``, set by tools/pytest.bzl): each
+    backend, dtype, mode and odd size still runs on every stack, while the combinations,
+    which tell our code apart rather than JAX's releases, run on one.
+    """
+
+    def values(params):
+        shown = set()
+        for name, value in params.items():
+            items = value if isinstance(value, tuple) else (value,)
+            shown.update((name, i, value_id(item)) for i, item in enumerate(items))
+        return frozenset(shown)
+
+    tests = {}
+    for index, (test, params) in enumerate(runs):
+        tests.setdefault(test, []).append((index, values(params)))
+    keep = [False] * len(runs)
+    for group in tests.values():
+        unseen = set().union(*(shown for _, shown in group))
+        keep[group[0][0]] = True  # A test without parameters, or the first of its grid.
+        unseen -= group[0][1]
+        while unseen:
+            index, shown = max(group, key=lambda run: len(run[1] & unseen))
+            keep[index] = True
+            unseen -= shown
+    return keep
 
 
 # ----------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
         name = "test_foo",
         srcs = ["test_foo.py"],
         stacks = ONE_STACK,           # default: every stack (tools/stacks.bzl)
+        full_grid = ONE_STACK,        # default: FULL_GRID_STACK (tools/stacks.bzl)
         deps = ["//embed"],           # py_library targets it imports
         data = ["testdata/x.npz"],    # files it reads (runfiles-relative paths)
         tags = ["gpu"],               # "gpu" / "large": skipped by default, see .bazelrc
@@ -15,8 +16,9 @@
 makes, for each stack, `<name>_<stack>`: `pytest <srcs> <args>` from the runfiles root,
 through the shared runner //tools:pytest_runner.py, with that stack's venv interpreter
 (so third-party packages need no deps), tagged `stack_<stack>`; and `<name>`, a
-test_suite of them all. One way to launch any test on any stack:
-`bazel test //tests/embed:test_layer_newest`, or every stack's with
+test_suite of them all. The stacks not in `full_grid` run a cover of each test's
+parameter grid (EMBED_TEST_GRID=cover, tests/conftest.py). One way to launch any test on
+any stack: `bazel test //tests/embed:test_layer_newest`, or every stack's with
 `bazel test //tests/embed:test_layer`, or one stack's whole suite with
 `bazel test //... --test_tag_filters=stack_newest,-gpu,-large`.
 
@@ -26,7 +28,7 @@ are added automatically; a conftest.py in a parent package that has its own BUIL
 must be passed in deps (e.g. a py_library in that package).
 """
 
-load(":stacks.bzl", "ALL_STACKS", "stack_repo")
+load(":stacks.bzl", "ALL_STACKS", "FULL_GRID_STACK", "stack_repo")
 
 _RUNNER = "//tools:pytest_runner.py"
 
@@ -34,6 +36,7 @@ def pytest_test(
         name,
         srcs,
         stacks = ALL_STACKS,
+        full_grid = None,
         deps = [],
         data = [],
         tags = [],
@@ -59,16 +62,19 @@ def pytest_test(
     conftest = native.glob(["conftest.py"], allow_empty = True)
     data = data + [c for c in conftest if c not in srcs] + ["//:pytest_config"]
     pytest_args = ["$(rootpath %s)" % s for s in srcs] + args
+    if full_grid == None:
+        full_grid = [FULL_GRID_STACK] if FULL_GRID_STACK in stacks else stacks
     tests = []
     for stack in stacks:
         python = stack_repo(stack) + "//:python"
+        grid = "full" if stack in full_grid else "cover"
         native.sh_test(
             name = name + "_" + stack,
             srcs = ["//tools:run_with_python.sh"],
             # py_library targets as data bring their sources' runfiles, as deps do.
             data = srcs + deps + data + [_RUNNER, python],
             args = ["$(rootpath %s)" % python, "$(rootpath %s)" % _RUNNER] + pytest_args,
-            env = env,
+            env = dict(env, EMBED_TEST_GRID = grid),
             tags = tags + ["stack_" + stack],
             size = size,
             **kwargs

@@ -44,6 +44,13 @@ ONE_STACK = ["gpu_image"]
 # Where a version-sensitive test runs: every stack.
 ALL_STACKS = list(STACKS)
 
+# Where a test that runs on several stacks runs its whole parameter grid. On its other
+# stacks it runs a cover of the grid (EMBED_TEST_GRID=cover, tests/conftest.py): every
+# test, and every value of every parameter, but not every combination. The combinations
+# tell our code apart, which one stack does; the releases differ in JAX's APIs and
+# lowerings, which every test still reaches on every stack.
+FULL_GRID_STACK = "newest"
+
 # The stacks whose JAX has Mosaic GPU (JAX >= 0.11).
 MOSAIC_STACKS = ["gpu_image", "newest"]
 
