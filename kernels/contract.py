@@ -171,6 +171,19 @@ def _named_as(wrapper: Callable, fn: Callable) -> Callable:
     return wrapper
 
 
+def row_warps(block_d: int, *, most: int) -> int:
+    """Warps for a program that adds or stores ``block_d``-wide float32 rows: one 16-byte
+    vector (4 floats) per thread, so ``block_d / 128`` warps, from 1 to ``most``.
+
+    Compiled for an H100 (tools/sass_report.py), 4 warps on a 256-wide row give each
+    thread 2 floats, a 64-bit ``ATOMG.E.ADD.F32x2``, and on a 128-wide row a scalar one;
+    one 128-bit ``F32x4`` per thread halves the instructions for the same bytes. Wider
+    accumulators per thread cost registers: Triton's deterministic backward at 1024
+    float32 columns with 4 warps (8 floats a thread) spills on an A100 (sm_80).
+    """
+    return max(1, min(most, block_d // 128))
+
+
 def check_power_of_2(name: str, value: int | None, *, maximum: int = 2**20) -> None:
     """``ValueError`` unless ``value`` is ``None`` or a power of two up to ``maximum``."""
     if value is None:

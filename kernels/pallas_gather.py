@@ -51,16 +51,8 @@ def block_sizes(num_tokens: int, d_model: int, itemsize: int) -> tuple[int, int]
 
 
 def row_warps(block_d: int) -> int:
-    """Default warps of the backward kernels: one 16-byte float32 vector per thread.
-
-    Each backward step adds or stores one ``block_d``-wide float32 row, spread over the
-    program's threads. Compiled for an H100 (tools/sass_report.py), 4 warps on a
-    256-wide row give each thread 2 floats, a 64-bit ``ATOMG.E.ADD.F32x2``, and on a
-    128-wide row a scalar one; ``block_d / 128`` warps (1 to 4) give every thread a
-    128-bit ``F32x4`` atomic (or store), half the atomic instructions for the same
-    bytes. Rows narrower than 128 floats keep one warp.
-    """
-    return max(1, min(4, block_d // 128))
+    """Default warps of the backward kernels (``contract.row_warps``, at most 4)."""
+    return contract.row_warps(block_d, most=4)
 
 
 @dataclasses.dataclass(frozen=True)

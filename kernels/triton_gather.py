@@ -210,7 +210,8 @@ class Config:
       block_t: tokens per program (``gather``, ``scatter_add``); a power of two.
       block_d: columns per program; a power of two.
       block_v: table rows per program of ``segment_sum``; a power of two.
-      num_warps: warps per program; jax-triton's default, 4, when ``None``.
+      num_warps: warps per program; when ``None``, 4 (jax-triton's default), and for
+        ``segment_sum`` one float32 vector a thread (``contract.row_warps``, up to 8).
       num_stages: Triton's software-pipelining depth; jax-triton's default, 3.
     """
 
@@ -242,6 +243,14 @@ class Config:
             num_warps=self.num_warps or _DEFAULT_NUM_WARPS,
             num_stages=self.num_stages or _DEFAULT_NUM_STAGES,
         )
+
+
+def _segment_sum_launch(config: Config, d_model: int) -> dict:
+    """``segment_sum``'s launch: tiles sized for the float32 rows it sums and writes, and
+    by default one 16-byte accumulator vector a thread (``contract.row_warps``)."""
+    cfg = config.launch(d_model, 4)
+    cfg["num_warps"] = config.num_warps or contract.row_warps(cfg["BLOCK_D"], most=8)
+    return cfg
 
 
 def _check_sizes(num_tokens: int, vocab_size: int, d_model: int, block_t: int) -> None:
@@ -333,7 +342,7 @@ def segment_sum(
     """
     num_tokens, d_model = grad_out.shape
     _no_interpreter(interpret)
-    cfg = config.launch(d_model, 4)  # Tiles sized for the float32 rows it sums and writes.
+    cfg = _segment_sum_launch(config, d_model)
     _check_sizes(num_tokens, vocab_size, d_model, cfg.pop("BLOCK_T"))
     if num_tokens == 0 or d_model == 0:
         return jnp.zeros((vocab_size, d_model), jnp.float32)
@@ -447,7 +456,10 @@ def compile_kernel(
     if d_model < 1:
         raise ValueError(f"{d_model=} must be at least 1")
     config = config or Config()
-    cfg = config.launch(d_model, 4 if kernel == "segment_sum" else dtype.itemsize)
+    if kernel == "segment_sum":
+        cfg = _segment_sum_launch(config, d_model)
+    else:
+        cfg = config.launch(d_model, dtype.itemsize)
     cfg["VEC"] = vec or cfg["VEC"]
     sizes = {
         "num_tokens": num_tokens,
