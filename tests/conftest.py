@@ -19,7 +19,6 @@ import jax
 import pytest
 
 from kernels import compat
-from tests import grid
 from tests.gpu_selection import MARKERS
 
 # A CPU machine with the CUDA compiler plugin installed (the gpu_image and newest
@@ -56,13 +55,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _grid(config, items):
-    """Keep the cover of each test's grid when ``EMBED_TEST_GRID=cover``."""
-    which = os.environ.get("EMBED_TEST_GRID", "full")
-    if os.environ.get("EMBED_TEST_FULL_GRID"):  # bazel test --config=full_grid
-        which = "full"
-    if which not in ("full", "cover"):
-        raise pytest.UsageError(f"EMBED_TEST_GRID={which!r} must be 'full' or 'cover'")
-    if which == "full":
+    """Keep the cover of each test's grid unless this run takes the whole grid."""
+    # Not at the top: tests.grid asks JAX for its backend on import, which must come
+    # after cpu_unless_cuda_driver() above, or XLA's CUDA compiler is never registered.
+    from tests import grid
+
+    if grid.whole_grid():
         return
     runs = []
     for item in items:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,19 @@ def pairwise(*axes) -> list:
         uncovered -= pairs(run)
         runs.append(tuple(axis[i] for axis, i in zip(axes, run, strict=True)))
     return [pytest.param(*run, id=value_id(run)) for run in runs]
+
+
+def whole_grid() -> bool:
+    """Whether this run takes each test's whole parameter grid, or its cover.
+
+    ``EMBED_TEST_GRID``: ``full`` (the default) or ``cover``, which tools/pytest.bzl sets
+    on all stacks of a test but one; ``EMBED_TEST_FULL_GRID`` set (``bazel test
+    --config=full_grid``) means the whole grid everywhere.
+    """
+    which = os.environ.get("EMBED_TEST_GRID", "full")
+    if which not in ("full", "cover"):
+        raise ValueError(f"EMBED_TEST_GRID={which!r} must be 'full' or 'cover'")
+    return which == "full" or bool(os.environ.get("EMBED_TEST_FULL_GRID"))
 
 
 def each_value(runs) -> list[bool]:

@@ -37,9 +37,12 @@ STACKS = {
 # lint test run on it.
 TOOLCHAIN_STACK = "min"
 
+# The stack the CUDA machines carry.
+CUDA_MACHINES_STACK = "gpu_image"
+
 # Where a test runs whose subject no JAX release changes (our own Python, NumPy, plain
 # jnp): one stack, the one the CUDA machines carry.
-ONE_STACK = ["gpu_image"]
+ONE_STACK = [CUDA_MACHINES_STACK]
 
 # Where a version-sensitive test runs: every stack.
 ALL_STACKS = list(STACKS)
