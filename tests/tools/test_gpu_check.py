@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from kernels import compat
 from tests import gpu_selection
 from tools.gpu_check import running, steps, wheels
 from tools.gpu_check.summary import coverage, junit_counts
@@ -107,6 +108,23 @@ def test_dry_run_summary_says_what_each_step_did_and_left_out(dry_run):
     memcheck = re.search(r"the selection it would run holds (\d+) tests", summary)
     assert memcheck and int(memcheck.group(1)) > 0
     assert "dry run: memcheck not run" in summary
+
+
+def test_dry_run_prints_the_compiled_table_beside_the_measured_rows(dry_run):
+    """Where XLA's CUDA compiler is installed, the summary carries tools/sass_report.py's
+    table, labelled as compiled and not measured, after the benchmark's rows; elsewhere
+    the steps table says why it is not there."""
+    _, out, _ = dry_run
+    summary = (out / "summary.md").read_text()
+    head = "### Compiled by XLA for an H100, NOT MEASURED (tools/sass_report.py)"
+    if compat.cuda_compiler_problem() is not None:
+        assert head not in summary and "compiled table skipped" in summary
+        return
+    assert head in summary and summary.index(head) > summary.index("### Per shape")
+    table = summary.split(head, 1)[1].split("### Steps", 1)[0]
+    assert "COMPILED by XLA" in table and "NOT MEASURED" in table
+    for backend in ("xla", "pallas"):  # The dry run's grid: d_model 64, float32.
+        assert re.search(rf"^\| {backend} \| fwd \| float32 \| 64 \|", table, re.M), table
 
 
 def test_dry_run_headline_ratios_come_from_the_benchmark_json(dry_run):
