@@ -13,8 +13,6 @@ parameter (``tests.grid.each_value``); the default, ``full``, runs the whole gri
 does any stack when ``EMBED_TEST_FULL_GRID`` is set (``bazel test --config=full_grid``).
 """
 
-import os
-
 import jax
 import pytest
 
@@ -39,7 +37,6 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     _grid(config, items)
-    _bazel_shard(items)
     skips = {}
     if jax.default_backend() != "gpu":
         skips["gpu"] = "needs a CUDA GPU; JAX's default backend is not a GPU"
@@ -69,19 +66,3 @@ def _grid(config, items):
     keep = grid.each_value(runs)
     config.hook.pytest_deselected(items=[i for i, k in zip(items, keep, strict=True) if not k])
     items[:] = [i for i, k in zip(items, keep, strict=True) if k]
-
-
-def _bazel_shard(items):
-    """Keep this Bazel test shard's share of the tests (``shard_count`` in BUILD).
-
-    Bazel runs ``shard_count`` copies of a test, each told its index; each runs every
-    ``count``-th test, and touching the status file tells Bazel sharding is supported.
-    """
-    count = int(os.environ.get("TEST_TOTAL_SHARDS", "1"))
-    if count <= 1:
-        return
-    index = int(os.environ["TEST_SHARD_INDEX"])
-    if os.environ.get("TEST_SHARD_STATUS_FILE"):
-        with open(os.environ["TEST_SHARD_STATUS_FILE"], "a"):
-            pass
-    items[:] = [item for i, item in enumerate(items) if i % count == index]

@@ -57,7 +57,7 @@ def pytest_test(
       size: Bazel test size; sets the default timeout.
       args: extra pytest arguments, after the test files (e.g. ["-x", "-q"]).
       env: extra environment variables for the test.
-      **kwargs: anything else sh_test accepts (timeout, shard_count, ...).
+      **kwargs: anything else sh_test accepts (timeout, flaky, ...).
     """
     conftest = native.glob(["conftest.py"], allow_empty = True)
     data = data + [c for c in conftest if c not in srcs] + ["//:pytest_config"]
