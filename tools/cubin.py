@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -141,6 +142,7 @@ def riegeli_records(data: bytes) -> list[bytes]:
 
 ELF_MAGIC = b"\x7fELF"
 EM_CUDA = 190
+SHF_EXECINSTR = 0x4
 
 
 def elf_size(data: bytes, start: int = 0) -> int | None:
@@ -386,9 +388,35 @@ def parse_threads(text: str, kernels: dict[str, KernelCode]) -> None:
             kernels[m.group(1)].threads = int(t.group(1), 16)
 
 
+def has_code(image: bytes) -> bool:
+    """Whether the CUDA ELF ``image`` holds any instructions (an executable section).
+
+    XLA also emits images that hold only constants; they have no kernel to disassemble.
+    """
+    (e_shoff,) = struct.unpack_from("<Q", image, 40)
+    (e_shnum,) = struct.unpack_from("<H", image, 60)
+    for i in range(e_shnum):
+        sh_flags, _, _, sh_size = struct.unpack_from("<QQQQ", image, e_shoff + i * 64 + 8)
+        if sh_flags & SHF_EXECINSTR and sh_size:
+            return True
+    return False
+
+
 def disassemble(cubin: bytes) -> list[KernelCode]:
-    """Every kernel in ``cubin``: its SASS opcodes and resource usage (cuobjdump)."""
+    """Every kernel in ``cubin``: its SASS opcodes and resource usage (cuobjdump).
+
+    An image is disassembled once per process: the compile gate meets the same XLA
+    helper kernels (the ids' sort, iotas, broadcasts) in case after case, and
+    ``cuobjdump -sass`` costs about 0.3 s a call however small the image.
+    """
+    return [dataclasses.replace(k, instructions=list(k.instructions)) for k in _disassemble(cubin)]
+
+
+@functools.cache
+def _disassemble(cubin: bytes) -> tuple[KernelCode, ...]:
+    if not has_code(cubin):
+        return ()
     kernels = parse_sass(_cuobjdump(cubin, "-sass"))
     parse_resource_usage(_cuobjdump(cubin, "-res-usage"), kernels)
     parse_threads(_cuobjdump(cubin, "-elf"), kernels)
-    return list(kernels.values())
+    return tuple(kernels.values())

@@ -29,7 +29,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def make_elf(payload: bytes, machine: int = cubin.EM_CUDA) -> bytes:
+def make_elf(payload: bytes, machine: int = cubin.EM_CUDA, flags: int = 0) -> bytes:
     """A CUDA ELF64: header, one section holding ``payload``, then the section table."""
     shoff = 64 + len(payload)
     header = bytearray(64)
@@ -39,7 +39,7 @@ def make_elf(payload: bytes, machine: int = cubin.EM_CUDA) -> bytes:
     struct.pack_into("<HHHHH", header, 52, 64, 56, 0, 64, 2)
     null_section = bytes(64)
     section = bytearray(64)
-    struct.pack_into("<IQQQQ", section, 4, 1, 0, 0, 64, len(payload))
+    struct.pack_into("<IQQQQ", section, 4, 1, flags, 0, 64, len(payload))
     return bytes(header) + payload + null_section + bytes(section)
 
 
@@ -80,6 +80,27 @@ def test_elf_size_reads_the_header_and_rejects_other_elves():
     assert cubin.elf_size(make_elf(b"x", machine=62)) is None  # x86-64, not CUDA.
     assert cubin.elf_size(elf[:-1]) is None  # Truncated: the section table is cut.
     assert cubin.elf_size(b"\x7fELF" + bytes(10)) is None
+
+
+def test_only_images_with_code_are_disassembled(monkeypatch):
+    calls = []
+
+    def fake_cuobjdump(image, flag):
+        calls.append(flag)
+        return {"-sass": SASS}.get(flag, "")
+
+    monkeypatch.setattr(cubin, "_cuobjdump", fake_cuobjdump)
+    constants = make_elf(b"\x00" * 64)
+    code = make_elf(b"a kernel of this test", flags=cubin.SHF_EXECINSTR)
+    assert not cubin.has_code(constants) and cubin.has_code(code)
+    assert cubin.disassemble(constants) == [] and calls == []
+    first = cubin.disassemble(code)
+    assert [k.name for k in first] == ["embedding_gather_block_t_16_block_d_256"] and calls
+    # The same image again is not disassembled again, and callers get their own copies.
+    calls.clear()
+    first[0].instructions.clear()
+    again = cubin.disassemble(code)
+    assert calls == [] and again[0].instructions and again[0] is not first[0]
 
 
 @pytest.mark.parametrize(
