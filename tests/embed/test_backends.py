@@ -23,9 +23,11 @@ from tests import grid
 pytestmark = pytest.mark.backends
 
 # Sizes from the grid, small enough for the Mosaic GPU interpreter on a CPU: an odd
-# d_model and token count (partial blocks), and the GPT-2 vocabulary for the layer.
+# d_model and token count (partial blocks), and the GPT-2 vocabulary for the layer, at
+# that odd width too: the interpreter copies every operand into its simulated memory,
+# and a 768-wide GPT-2 table made the layer's test five times slower.
 D_MODEL, NUM_TOKENS = grid.D_MODELS[3], grid.NUM_TOKENS[3]
-BIG_VOCAB, BIG_D_MODEL = grid.VOCAB_SIZES[-1], grid.D_MODELS[-1]
+BIG_VOCAB = grid.VOCAB_SIZES[-1]
 
 
 def _case_params():
@@ -70,7 +72,7 @@ def test_gradient_matches_float32_reference(backend, case):
 
 @pytest.mark.parametrize("backend", grid.BACKENDS)
 def test_layer_under_nnx_jit(backend):
-    layer = embed.MyEmbed(BIG_VOCAB, BIG_D_MODEL, nnx.Rngs(0), backend=backend)
+    layer = embed.MyEmbed(BIG_VOCAB, D_MODEL, nnx.Rngs(0), backend=backend)
     ids = jnp.asarray(grid.make_ids(BIG_VOCAB, 2 * NUM_TOKENS).reshape(2, NUM_TOKENS))
     out = nnx.jit(lambda m, x: m(x))(layer, ids)
     grid.assert_bits_equal(out, layer.embedding[...][ids])
