@@ -79,27 +79,46 @@ def test_swap_gives_the_same_parameters_from_the_same_seed(backend):
     assert 0.018 < float(jnp.std(ours_model.wte.embedding[...])) < 0.022
 
 
+# What the unchanged model.py gives is the same for every backend: each is computed once.
+
+
+def _logits(model, tokens):
+    """``model``'s logits op by op, and compiled whole (XLA fuses differently)."""
+    return model(tokens), nnx.jit(lambda m, t: m(t))(model, tokens)
+
+
+def _one_step(flax_module, model, batch):
+    """The loss of one optax step of ``model`` and its parameters after it."""
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    loss = flax_module.train_step(model, optimizer, batch)
+    return loss, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@functools.cache
+def _flax_logits():
+    _, flax_model, _ = _models("auto")
+    return _logits(flax_model, _batch()[:, :16])
+
+
+@functools.cache
+def _flax_step():
+    flax_module, flax_model, _ = _models("auto")
+    return _one_step(flax_module, flax_model, _batch())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_swap_gives_bit_identical_float32_logits(backend):
-    _, flax_model, ours_model = _models(backend)
-    tokens = _batch()[:, :16]
-    expected = flax_model(tokens)
-    assert expected.dtype == jnp.float32
-    _assert_trees_bits_equal(ours_model(tokens), expected)
-    # Compiled whole, XLA fuses differently than op by op: compiled against compiled.
-    forward = nnx.jit(lambda m, t: m(t))
-    _assert_trees_bits_equal(forward(ours_model, tokens), forward(flax_model, tokens))
+    _, _, ours_model = _models(backend)
+    eager, compiled = _flax_logits()
+    assert eager.dtype == jnp.float32
+    # Op by op against op by op, and compiled against compiled.
+    _assert_trees_bits_equal(_logits(ours_model, _batch()[:, :16]), (eager, compiled))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_optax_step_matches(backend):
-    flax_module, flax_model, ours_model = _models(backend)
-    batch = _batch()
-    losses, params = [], []
-    for model in (flax_model, ours_model):
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
-        losses.append(flax_module.train_step(model, optimizer, batch))
-        params.append(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    flax_module, _, ours_model = _models(backend)
+    losses, params = zip(_flax_step(), _one_step(flax_module, ours_model, _batch()), strict=True)
     np.testing.assert_array_equal(losses[1], losses[0])
     if backend == "pallas":
         # The interpreted kernel's scatter-add sums a repeated id's rows in another
