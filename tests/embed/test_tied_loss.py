@@ -34,36 +34,50 @@ def _inputs(vocab_size, d_model, num_tokens, dtype, seed=0):
     table = grid.make_table(vocab_size, d_model, dtype, seed)
     # Hidden states scaled so logits spread over a few units, as a trained model's do.
     hidden = 2.0 * grid.make_table(num_tokens, d_model, jnp.float32, seed + 1) / d_model**0.5
-    targets = jax.random.randint(jax.random.key(seed + 2), (num_tokens,), 0, vocab_size)
-    where = jax.random.bernoulli(jax.random.key(seed + 3), 0.6, (num_tokens,))
-    return table, hidden.astype(dtype), targets, where.at[0].set(True)
+    # Drawn by NumPy, as grid.normal says why: jax.random compiles a sampler per shape.
+    rng = np.random.default_rng(seed + 2)
+    targets = rng.integers(0, vocab_size, num_tokens).astype(np.int32)
+    where = rng.random(num_tokens) < 0.6
+    where[0] = True
+    return table, hidden.astype(dtype), jnp.asarray(targets), jnp.asarray(where)
 
 
-def _value_and_grads(fn, table, hidden, targets, reduction, **kwargs):
-    """Loss and the gradients of (loss, or a weighted sum of per-token losses)."""
+def _value_and_grads_fn(fn, targets, reduction, **kwargs):
+    """``(table, hidden) ->`` loss and the gradients of (loss, or a weighted sum of
+    per-token losses)."""
     weights = 1.0 + jnp.arange(targets.shape[0], dtype=jnp.float32) / 7
 
     def scalar(table, hidden):
         out = fn(table, hidden, targets, reduction=reduction, **kwargs)
         return (out * weights).sum() if reduction == "none" else out, out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1), has_aux=True))(
-        table, hidden
-    )
-    return out, grads
+    def run(table, hidden):
+        (_, out), grads = jax.value_and_grad(scalar, argnums=(0, 1), has_aux=True)(table, hidden)
+        return out, grads
+
+    return run
+
+
+def _value_and_grads(fn, table, hidden, targets, reduction, **kwargs):
+    """Loss and the gradients of (loss, or a weighted sum of per-token losses)."""
+    return jax.jit(_value_and_grads_fn(fn, targets, reduction, **kwargs))(table, hidden)
 
 
 def _fused_and_naive(blocks, table, hidden, targets, reduction, **kwargs):
-    """``_value_and_grads`` of the blocked loss (``BLOCKS[blocks]``) and of the oracle."""
+    """``_value_and_grads`` of the blocked loss (``BLOCKS[blocks]``) and of the oracle.
+
+    Both in one compiled program: on a CPU the compilations are most of this file's
+    time, and one program costs less to compile than two.
+    """
 
     def fused(*args, **options):
         return loss.attend_cross_entropy(*args, **options, **BLOCKS[blocks])
 
-    args = (table, hidden, targets, reduction)
-    return (
-        _value_and_grads(fused, *args, **kwargs),
-        _value_and_grads(attend_cross_entropy_reference, *args, **kwargs),
-    )
+    both = [
+        _value_and_grads_fn(f, targets, reduction, **kwargs)
+        for f in (fused, attend_cross_entropy_reference)
+    ]
+    return jax.jit(lambda *args: tuple(f(*args) for f in both))(table, hidden)
 
 
 def _assert_close(actual, expected, rtol, scale=0.0):
@@ -84,7 +98,7 @@ def _term_scales(table, hidden, targets, reduction, where=None):
     """For ``_assert_close``: the largest term of the table and hidden gradients."""
     num_kept = targets.shape[0] if where is None else int(where.sum())
     cotangent = {"mean": 1 / max(num_kept, 1), "sum": 1.0, "none": 2.0}[reduction]
-    largest = lambda x: float(jnp.max(jnp.abs(x.astype(jnp.float32)), initial=0.0))  # noqa: E731
+    largest = lambda x: float(np.max(np.abs(np.asarray(x, np.float32)), initial=0.0))  # noqa: E731
     return cotangent * largest(hidden), cotangent * largest(table)
 
 
@@ -280,14 +294,16 @@ def test_tied_gradients_add_up():
     ids = jnp.asarray(grid.make_ids(61, 20).reshape(4, 5) % 61)
     targets = jnp.roll(ids, -1, axis=1)
     fused, naive = _TiedModel(True), _TiedModel(False)
-    value, grads = nnx.value_and_grad(lambda m: m(ids, targets))(fused)
-    want_value, want_grads = nnx.value_and_grad(lambda m: m(ids, targets))(naive)
+    # Compiled: the gradients trace the layer either way, and op by op costs more here.
+    value_and_grad = nnx.jit(nnx.value_and_grad(lambda m: m(ids, targets)))
+    value, grads = value_and_grad(fused)
+    want_value, want_grads = value_and_grad(naive)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     grad, want = grads.embed.embedding[...], want_grads.embed.embedding[...]
     _assert_close(grad, want, 1e-5)
     # Both parts are there: the loss's gradient alone (hidden held fixed) differs.
     hidden = jnp.tanh(fused.embed(ids))
-    loss_only = jax.grad(lambda t: loss.attend_cross_entropy(t, hidden, targets))(
+    loss_only = jax.jit(jax.grad(lambda t: loss.attend_cross_entropy(t, hidden, targets)))(
         fused.embed.embedding[...]
     )
     assert float(jnp.max(jnp.abs(loss_only - grad))) > 1e-3
@@ -345,16 +361,26 @@ def test_peak_memory_is_far_below_naive():
 
 def test_block_math_covers_each_element_once():
     # Every (token, vocabulary) pair is in exactly one unmasked block, whatever the sizes.
-    for t, v, c, vc in itertools.product((1, 7), (1, 5, 11), (1, 3), (2, 5)):
-        table = jnp.zeros((v, 1))
-        hidden = jnp.zeros((t, 1))
-        # All logits 0: the per-token loss is log(V) exactly when each column counts once.
-        got = loss.attend_cross_entropy(
-            table,
-            hidden,
-            jnp.zeros(t, jnp.int32),
-            reduction="none",
-            chunk_size=c,
-            vocab_chunk_size=vc,
-        )
+    sizes = list(itertools.product((1, 7), (1, 5, 11), (1, 3), (2, 5)))
+
+    # One compiled program for every size: a compilation each costs several times more.
+    # The zeros are arguments, not constants, so the blocks are computed, not folded.
+    @jax.jit
+    def losses(tables, hiddens):
+        return [
+            # All logits 0: the per-token loss is log(V) exactly when each column counts once.
+            loss.attend_cross_entropy(
+                tables[v],
+                hiddens[t],
+                jnp.zeros(t, jnp.int32),
+                reduction="none",
+                chunk_size=c,
+                vocab_chunk_size=vc,
+            )
+            for t, v, c, vc in sizes
+        ]
+
+    tables = {v: jnp.zeros((v, 1)) for v in (1, 5, 11)}
+    hiddens = {t: jnp.zeros((t, 1)) for t in (1, 7)}
+    for (t, v, _, _), got in zip(sizes, losses(tables, hiddens), strict=True):
         np.testing.assert_allclose(got, np.full(t, np.log(v)), rtol=1e-6, atol=1e-7)
