@@ -126,6 +126,17 @@ def test_layouts_and_backends_forward_and_gradient(runs, expected):
     # Three layouts x xla and interpreted pallas, ids split per process and replicated.
     _compare(runs, expected, "forward/")
     _compare(runs, expected, "grad/")
+    # And each table gradient against NumPy's sums, not only against the unsharded
+    # lookup of the same backend: a backward wrong in both ways alike fails here.
+    _, ids, grad_out, *_ = worker._inputs()
+    oracle = grid.grad_in_token_order(grad_out.reshape(-1, worker.D), ids.reshape(-1), worker.V)
+    for got, _ in runs:
+        grads = [k for k in got if k.split("/", 2)[1] == "grad"]
+        assert len(grads) == len(worker.LAYOUTS) * len(worker.BACKENDS) * len(worker.KINDS)
+        for key in grads:
+            np.testing.assert_allclose(
+                got[key], oracle, rtol=worker.RTOL, atol=worker.ATOL, err_msg=key
+            )
 
 
 def test_modes_eager_and_jitted_with_split_ids(runs, expected):
