@@ -103,12 +103,17 @@ def _tiny_model(backend):
     return TinyModel(nnx.Rngs(0))
 
 
-def _train(model, embed_fn, ids, targets):
+def _train(model, embed_fn, ids, targets, mesh=None):
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
+    from embed.parallel import logical_axis_rules, shard_module
+
     optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    if mesh is not None:
+        # Its step count replicated over the mesh, as the step leaves it: one compile.
+        shard_module(optimizer, mesh, logical_axis_rules("data", "x"))
 
     @nnx.jit
     def step(model, optimizer, ids, targets):
@@ -391,7 +396,7 @@ def run_checks() -> tuple[dict, dict]:
             def embed_fn(m, i, layout=layout):
                 return apply_sharded(m, i, mesh=mesh, layout=layout, axis_name="x")
 
-            losses, trained = _train(model, embed_fn, train_ids, targets)
+            losses, trained = _train(model, embed_fn, train_ids, targets, mesh)
             arrays[f"close/train/{layout}/{backend}/losses"] = np.asarray(
                 [_fetch(x) for x in losses]
             )

@@ -455,6 +455,9 @@ def _train(layout, backend, steps=3):
             return m(ids)
 
     optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=nnx.Param)
+    if layout is not None:
+        # Its step count too, replicated as the step leaves it: one compiled step.
+        parallel.shard_module(optimizer, mesh, parallel.logical_axis_rules(layout, "x"))
 
     @nnx.jit
     def step(model, optimizer, ids, targets):
