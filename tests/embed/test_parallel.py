@@ -184,10 +184,11 @@ def test_error_mode_raises_eagerly_and_under_checkify(layout):
     bad = good.at[3, 2].set(7)
     with pytest.raises(IndexError, match=r"token id 7 at position \(3, 2\)"):
         lookup_(table, bad)
-    err, _ = jax.jit(checkify.checkify(lookup_))(table, bad)
+    checked = jax.jit(checkify.checkify(lookup_))  # One compile for both id arrays.
+    err, _ = checked(table, bad)
     with pytest.raises(checkify.JaxRuntimeError, match="token id 7 at flat position 14"):
         err.throw()
-    err, out = jax.jit(checkify.checkify(lookup_))(table, good)
+    err, out = checked(table, good)
     err.throw()
     grid.assert_bits_equal(out, lookup(table, good))
 
@@ -330,11 +331,6 @@ def test_shard_module_places_the_table(layout):
 # --- embed.Embed partitioned the flax way ----------------------------------------------
 
 
-def _flax_pair(backend, **kwargs):
-    ours = Embed(64, 16, rngs=nnx.Rngs(0), backend=backend, **kwargs)
-    return ours, nnx.Embed(64, 16, rngs=nnx.Rngs(0), **kwargs)
-
-
 def _placement(how, axes):
     init = nnx.initializers.normal(0.02)
     if how == "with_partitioning":
@@ -412,19 +408,30 @@ def test_flax_sharding_recipe_runs_with_embed_as_with_nnx_embed(embed_cls):
     assert model.proj.kernel[...].sharding.spec == P(None, "x")
 
 
-@needs_devices
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_embed_out_sharding_on_an_explicit_mesh_as_nnx_embed(backend):
+_ROWS_SPLIT = P("x", None, None)
+
+
+def _explicit_mesh_rows(model_fn):
+    """A model's rows, their batch split over an Explicit mesh, placed as asked."""
     mesh = _mesh(axis_type=AxisType.Explicit)
     init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("x", None))
     with jax.set_mesh(mesh):
-        ours, flax = _flax_pair(backend, embedding_init=init)
-        ids = jax.device_put(jnp.asarray(grid.make_ids(64, 32).reshape(8, 4)), P("x"))
-        spec = P("x", None, None)
-        out = nnx.jit(lambda m, i: m(i, out_sharding=spec))(ours, ids)
-        expected = nnx.jit(lambda m, i: m(i, out_sharding=spec))(flax, ids)
-    assert out.sharding.spec == spec
-    grid.assert_bits_equal(out, expected)
+        model = model_fn(64, 16, rngs=nnx.Rngs(0), embedding_init=init)
+        ids = jax.device_put(jnp.asarray(_PLACED_IDS), P("x"))
+        return nnx.jit(lambda m, i: m(i, out_sharding=_ROWS_SPLIT))(model, ids)
+
+
+@functools.cache
+def _explicit_mesh_rows_of_nnx_embed():
+    return np.asarray(_explicit_mesh_rows(nnx.Embed))
+
+
+@needs_devices
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_embed_out_sharding_on_an_explicit_mesh_as_nnx_embed(backend):
+    out = _explicit_mesh_rows(functools.partial(Embed, backend=backend))
+    assert out.sharding.spec == _ROWS_SPLIT
+    grid.assert_bits_equal(out, _explicit_mesh_rows_of_nnx_embed())
 
 
 # --- A jit-compiled training step, sharded ---------------------------------------------
