@@ -273,6 +273,7 @@ def run_checks() -> tuple[dict, dict]:
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.experimental import checkify
     from jax.sharding import AxisType
     from jax.sharding import PartitionSpec as P
 
@@ -332,25 +333,28 @@ def run_checks() -> tuple[dict, dict]:
         return lambda t, i: layer(i)
 
     paths = {"sharded": sharded, "layer": layer_fn}
+    fns = {(mode, path): make(mode) for mode in MODES for path, make in paths.items()}
+    # The error mode under checkify, compiled once per path for the good and the bad ids.
+    checked = {path: jax.jit(checkify.checkify(fns["error", path])) for path in paths}
     for mode in MODES:
         these = env.split(good if mode == "error" else edge)
-        for path, make in paths.items():
-            fn = make(mode)
+        for path in paths:
+            fn = fns[mode, path]
             arrays[f"bits/mode/{mode}/eager/{path}"] = _fetch(fn(placed_table, these))
             if mode == "error":
-                err, out = _checkified(fn, placed_table, these)
+                err, out = checked[path](placed_table, these)
                 err.throw()
             else:
                 out = jax.jit(fn)(placed_table, these)
             arrays[f"bits/mode/{mode}/jit/{path}"] = _fetch(out)
-    for path, make in paths.items():
-        clip, error = make("clip"), make("error")
+    for path in paths:
+        clip, error = fns["clip", path], fns["error", path]
         arrays[f"bits/float_ids/{path}"] = _fetch(clip(placed_table, env.split(floats)))
         split_fractional = env.split(fractional)
         messages[f"float_ids/{path}"] = _message(partial(clip, placed_table, split_fractional))
         split_bad = env.split(bad)
         messages[f"error/eager/{path}"] = _message(partial(error, placed_table, split_bad))
-        err, _ = _checkified(error, placed_table, split_bad)
+        err, _ = checked[path](placed_table, split_bad)
         messages[f"error/jit/{path}"] = _message(err.throw)
 
     # The same eager checks on a mesh with Explicit axes (jax.make_mesh's default).
