@@ -77,6 +77,12 @@ def _vjp(fn, table, grad_out):
     return out, vjp(grad_out)[0]
 
 
+def _lookup_vjp(table, ids, grad_out, **kwargs):
+    """The unsharded lookup's rows and table gradient from one compiled program, not its
+    id handling, forward and backward compiled op by op."""
+    return jax.jit(lambda t, g: _vjp(lambda t: lookup(t, ids, **kwargs), t, g))(table, grad_out)
+
+
 @functools.cache
 def _unsharded_vjp(backend, case):
     """The unsharded lookup's rows and table gradient for a grid case, once per module:
@@ -85,9 +91,7 @@ def _unsharded_vjp(backend, case):
     table = grid.make_table(vocab_size, d_model, dtype)
     ids = _ids(vocab_size, num_tokens)
     grad_out = _grad_out(ids, d_model, dtype, seed=1)
-    # One compiled program, not the lookup's id handling compiled op by op.
-    reference = jax.jit(lambda t, g: _vjp(lambda t: lookup(t, ids, backend=backend), t, g))
-    out, grad = reference(table, grad_out)
+    out, grad = _lookup_vjp(table, ids, grad_out, backend=backend)
     return table, ids, grad_out, np.asarray(out), np.asarray(grad)
 
 
@@ -146,17 +150,28 @@ def test_outputs_bit_identical_and_gradients_match(layout, backend, case):
     _assert_grad_is_the_oracle(grad, ids, grad_out)
 
 
+def _edge_inputs(vocab_size, d_model):
+    table = grid.make_table(vocab_size, d_model, jnp.float32)
+    ids = jnp.asarray(np.tile(grid.edge_ids(vocab_size), (NUM_DEVICES, 2)))  # (8, 16)
+    return table, ids, _grad_out(ids, d_model, jnp.float32, seed=2)
+
+
+@functools.cache
+def _unsharded_modes(backend, mode):
+    """The unsharded lookup of the edge ids, once per backend and mode for the layouts."""
+    table, ids, grad_out = _edge_inputs(7, 5)
+    return _lookup_vjp(table, ids, grad_out, backend=backend, mode=mode, fill_value=-7.5)
+
+
 @needs_devices
 @pytest.mark.parametrize("mode", ["clip", "fill"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_modes_match_unsharded_with_edge_ids(layout, backend, mode):
     vocab_size, d_model = 7, 5
-    table = grid.make_table(vocab_size, d_model, jnp.float32)
-    ids = jnp.asarray(np.tile(grid.edge_ids(vocab_size), (NUM_DEVICES, 2)))  # (8, 16)
-    grad_out = _grad_out(ids, d_model, jnp.float32, seed=2)
+    table, ids, grad_out = _edge_inputs(vocab_size, d_model)
     kwargs = {"backend": backend, "mode": mode, "fill_value": -7.5}
-    expected, expected_grad = _vjp(lambda t: lookup(t, ids, **kwargs), table, grad_out)
+    expected, expected_grad = _unsharded_modes(backend, mode)
     mesh = _mesh()
 
     def sharded(t):
@@ -202,7 +217,7 @@ def test_reduce_scatter_leaves_tokens_split_and_matches(backend):
     ids = jnp.asarray(grid.make_ids(50, 2 * 16).reshape(16, 2))  # [seq, batch], Megatron's
     grad_out = _grad_out(ids, 6, jnp.bfloat16, seed=3)
     mesh = _mesh()
-    expected, expected_grad = _vjp(lambda t: lookup(t, ids, backend=backend), table, grad_out)
+    expected, expected_grad = _lookup_vjp(table, ids, grad_out, backend=backend)
 
     def sharded(t, scatter):
         return parallel.sharded_lookup(
@@ -225,7 +240,7 @@ def test_data_plus_tensor_parallel_on_a_2d_mesh(layout):
     table = grid.make_table(100, 24, jnp.float32)
     ids = _ids(100, 6)
     grad_out = _grad_out(ids, 24, jnp.float32, seed=4)
-    expected, expected_grad = _vjp(lambda t: lookup(t, ids), table, grad_out)
+    expected, expected_grad = _lookup_vjp(table, ids, grad_out)
     mesh = _mesh((2, 4), ("dp", "tp"))
 
     def sharded(t):
