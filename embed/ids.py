@@ -28,6 +28,7 @@ treats it as it would the original id.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -75,31 +76,47 @@ def _replicated(x: jax.Array):
     )
 
 
-def _first_bad(values: jax.Array, bad: Callable[[jax.Array], jax.Array]):
-    """The first ``bad`` element's position and value, or None; for ids spanning processes.
+def _first_bad(values: jax.Array, bad: Callable[[jax.Array, int], jax.Array], limit: int = 0):
+    """The first ``bad(values, limit)`` element's position and value, or None; for ids
+    spanning processes.
 
     One compiled call of elementwise ops and whole-array reductions (no reshape or
     indexing of the split array, which Explicit mesh axes could refuse), whose scalars
     are replicated: every process fetches the same answer and raises (or not) alike,
-    and none is left waiting in a collective.
+    and none is left waiting in a collective. ``bad`` is a module-level function, so the
+    program is compiled once per rule, layout and shape, not once per call.
     """
-
-    def reduce(x):
-        flat = sum(
-            lax.broadcasted_iota(jnp.int32, x.shape, d) * math.prod(x.shape[d + 1 :])
-            for d in range(x.ndim)
-        )
-        first = jnp.min(jnp.where(bad(x), flat, x.size))
-        # The one element at ``first``, by a sum with zeros (exact, NaN and inf too).
-        return first, jnp.sum(jnp.where(flat == first, x, jnp.zeros((), x.dtype)))
-
     if not values.size:
         return None
-    out = _replicated(values)
-    first, value = jax.jit(reduce, out_shardings=(out, out))(values)
+    first, value = _first_bad_program(bad, _replicated(values))(values, limit)
     if int(first) == values.size:
         return None
     return tuple(map(int, np.unravel_index(int(first), values.shape))), value.item()
+
+
+@functools.cache
+def _first_bad_program(bad, out):
+    return jax.jit(
+        functools.partial(_reduce_first_bad, bad=bad), static_argnums=1, out_shardings=(out, out)
+    )
+
+
+def _reduce_first_bad(x, limit, *, bad):
+    flat = sum(
+        lax.broadcasted_iota(jnp.int32, x.shape, d) * math.prod(x.shape[d + 1 :])
+        for d in range(x.ndim)
+    )
+    first = jnp.min(jnp.where(bad(x, limit), flat, x.size))
+    # The one element at ``first``, by a sum with zeros (exact, NaN and inf too).
+    return first, jnp.sum(jnp.where(flat == first, x, jnp.zeros((), x.dtype)))
+
+
+def _not_integral_on_device(x, _):
+    return _not_integral(x, jnp)
+
+
+def _outside_vocab(x, vocab_size):
+    return ~in_vocab(x, vocab_size)
 
 
 def _at(position: tuple[int, ...]) -> str:
@@ -146,7 +163,7 @@ def _integral_floats(token_ids, dtype):
             "values; cast explicitly with token_ids.astype(jnp.int32)"
         )
     if _spans_processes(token_ids):
-        first = _first_bad(token_ids, lambda x: _not_integral(x, jnp))
+        first = _first_bad(token_ids, _not_integral_on_device)
         if first is not None:
             raise _not_integral_error(*first)
         return _integral_floats_to_int32(token_ids)  # On device, split as the ids are.
@@ -254,7 +271,7 @@ def check_in_vocab(ids: jax.Array, vocab_size: int) -> None:
         )
 
     if _spans_processes(ids):
-        first = _first_bad(saturate(ids), lambda x: ~in_vocab(x, vocab_size))
+        first = _first_bad(saturate(ids), _outside_vocab, vocab_size)
         if first is not None:
             raise error(first[1], first[0])
         return
