@@ -218,8 +218,6 @@ def backend_params(names) -> list:
 BACKENDS = backend_params(REGISTRY)
 # The kernels: every backend with a compiled path (all but "xla").
 KERNELS = backend_params(n for n, b in REGISTRY.items() if b.compiled_on)
-# Whose interpreter is too slow for every GATHER_CASES case on a CPU (they get COVER_CASES).
-SLOW_INTERPRETERS = ("mosaic",)
 # Cheap on a CPU: "xla" and the Pallas interpreter, for files that check the layer, ids,
 # sharding and training around the gather rather than the kernels themselves.
 CPU_BACKENDS = ("xla", "pallas")
